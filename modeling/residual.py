@@ -1,0 +1,200 @@
+"""The residual family: every way of joining a block's input x and its branch output F(x).
+
+From F. Liu, X. Ren, Z. Zhang, X. Sun, Y. Zou, "Rethinking Skip Connection with Layer
+Normalization in Transformers and ResNets", COLING 2020 (arXiv:2105.07205).
+
+With h = F(x) (after the branch's dropout), N a normalisation layer and λ a scalar:
+
+    plain      y = x + h
+    post_ln    y = LN(x + h)
+    pre_ln     y = x + F(LN(x))                      (the host adds a final LN per stack)
+    xskip      y = λ·x + h
+    xskip_ln   y = LN(λ·x + h)                       (λ = 1 is post_ln)
+    rskip_ln   y_0 = h;  y_k = LN_k(x + y_{k-1}), k = 1..K;  y = y_K   (K = 1 is post_ln)
+    xskip_bn   y = BN(λ·x + h)
+    rskip_bn   as rskip_ln with BatchNorm
+
+F is computed once; only the add-and-normalise step repeats. Each step has its own norm unless
+``skip_share_norm``; ``skip_learnable_scale`` turns λ into one learned scalar per block.
+
+Hosts call ``skip.branch_input(x)`` to get the branch's input and ``skip(x, h)`` for the block
+output. A skip that normalises *is* its first norm (a subclass of the host's norm class), so a
+host can put it where its post-add norm used to be and stock checkpoints load by name; further
+recursion steps use ``recursion_norms``.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+from functools import cache
+
+import torch
+from torch import nn
+
+SKIP_VARIANTS = ("plain", "post_ln", "pre_ln", "xskip", "xskip_ln", "rskip_ln", "xskip_bn", "rskip_bn")
+SCALED_VARIANTS = ("xskip", "xskip_ln", "xskip_bn")
+RECURSIVE_VARIANTS = ("rskip_ln", "rskip_bn")
+# The options a variant reads; any other option must keep its default.
+_OPTION_USERS = {
+    "skip_scale": SCALED_VARIANTS,
+    "skip_learnable_scale": SCALED_VARIANTS,
+    "skip_recursions": RECURSIVE_VARIANTS,
+    "skip_share_norm": RECURSIVE_VARIANTS,
+}
+
+
+@dataclass(frozen=True)
+class SkipOptions:
+    """The ``skip_*`` options shared by every model of this package, validated on creation.
+
+    An option the chosen variant does not read must keep its default value: a non-default value
+    there is a mistake (say, ``skip_recursions=3`` with ``post_ln``) and raises ``ValueError``.
+    """
+
+    skip_variant: str = "rskip_ln"
+    skip_scale: float = 1.0
+    skip_recursions: int = 2
+    skip_share_norm: bool = False
+    skip_learnable_scale: bool = False
+
+    def __post_init__(self):
+        if self.skip_variant not in SKIP_VARIANTS:
+            raise ValueError(f"skip_variant={self.skip_variant!r} is not a known variant; allowed: {', '.join(SKIP_VARIANTS)}")
+        scale = self.skip_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"skip_scale={scale!r} must be a finite number (λ > 0)")
+        recursions = self.skip_recursions
+        if isinstance(recursions, bool) or not isinstance(recursions, int) or recursions < 1:
+            raise ValueError(f"skip_recursions={recursions!r} must be an integer >= 1 (the recursion depth K)")
+        for name in ("skip_share_norm", "skip_learnable_scale"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
+        if self.skip_variant in SCALED_VARIANTS and scale <= 0:
+            raise ValueError(f"skip_scale={scale!r} must be > 0 for skip_variant={self.skip_variant!r}")
+        for name, users in _OPTION_USERS.items():
+            value = getattr(self, name)
+            if self.skip_variant not in users and value != self.__dataclass_fields__[name].default:
+                raise ValueError(
+                    f"{name}={value!r} is set but skip_variant={self.skip_variant!r} does not use it; "
+                    f"{name} applies to {', '.join(users)} (leave it at its default, "
+                    f"{self.__dataclass_fields__[name].default!r}, otherwise)"
+                )
+
+    @classmethod
+    def from_object(cls, obj) -> "SkipOptions":
+        """Read the ``skip_*`` attributes of a config (or any object carrying them)."""
+        return cls(**{name: getattr(obj, name) for name in cls.__dataclass_fields__})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def uses_norm(self) -> bool:
+        return self.skip_variant not in ("plain", "xskip")
+
+
+class ResidualSkip(nn.Module):
+    """``plain``: y = x + h. The base of the family, and its interface."""
+
+    def branch_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return x + h
+
+
+class ScaledSkip(ResidualSkip):
+    """``xskip``: y = λ·x + h, with no normalisation."""
+
+    def __init__(self, scale: float, learnable_scale: bool = False):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(float(scale))) if learnable_scale else float(scale)
+        self.initial_scale = float(scale)
+
+    def forward(self, x, h):
+        return self.scale * x + h
+
+
+class NormSkip(ResidualSkip):
+    """``post_ln``, ``xskip_ln``/``xskip_bn`` and ``rskip_ln``/``rskip_bn``: y_k = N_k(λ·x + y_{k-1}).
+
+    Mixed into the host's norm class by `create_skip`; the module itself is N_1.
+    """
+
+    norm_layer: type[nn.Module]
+
+    def __init__(self, num_features: int, recursions: int = 1, scale: float = 1.0, share_norm: bool = False,
+                 learnable_scale: bool = False):
+        self.norm_layer.__init__(self, num_features)
+        self.recursions = recursions
+        self.share_norm = share_norm
+        self.recursion_norms = nn.ModuleList(
+            [] if share_norm else [self.norm_layer(num_features) for _ in range(recursions - 1)]
+        )
+        self.scale = nn.Parameter(torch.tensor(float(scale))) if learnable_scale else float(scale)
+        self.initial_scale = float(scale)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return self.norm_layer.forward(self, z)
+
+    def forward(self, x, h):
+        shortcut = self.scale * x
+        y = self.normalize(shortcut + h)
+        for step in range(1, self.recursions):
+            norm = self.normalize if self.share_norm else self.recursion_norms[step - 1]
+            y = norm(shortcut + y)
+        return y
+
+
+class PreNormSkip(ResidualSkip):
+    """``pre_ln``: y = x + F(N(x)). Mixed into the host's norm class by `create_skip`."""
+
+    norm_layer: type[nn.Module]
+
+    def __init__(self, num_features: int):
+        self.norm_layer.__init__(self, num_features)
+
+    def branch_input(self, x):
+        return self.norm_layer.forward(self, x)
+
+
+@cache
+def _on_norm(skip_class: type, norm_layer: type[nn.Module]) -> type:
+    """`skip_class` as a subclass of `norm_layer`, so its first norm keeps the norm's parameter names."""
+    return type(f"{skip_class.__name__}{norm_layer.__name__}", (skip_class, norm_layer),
+                {"norm_layer": norm_layer, "__module__": __name__})
+
+
+def create_skip(options: SkipOptions, num_features: int, ln_layer: type[nn.Module] = nn.LayerNorm,
+                bn_layer: type[nn.Module] = nn.BatchNorm1d) -> ResidualSkip:
+    """Build the skip module for one residual block.
+
+    ``ln_layer``/``bn_layer`` are norm classes taking ``num_features`` as their only argument;
+    the host picks them for its tensor layout (token features, feature maps, ...).
+    """
+    variant = options.skip_variant
+    if variant == "plain":
+        return ResidualSkip()
+    if variant == "xskip":
+        return ScaledSkip(options.skip_scale, options.skip_learnable_scale)
+    norm_layer = bn_layer if variant.endswith("_bn") else ln_layer
+    if variant == "pre_ln":
+        return _on_norm(PreNormSkip, norm_layer)(num_features)
+    recursive = variant in RECURSIVE_VARIANTS
+    return _on_norm(NormSkip, norm_layer)(
+        num_features,
+        recursions=options.skip_recursions if recursive else 1,
+        scale=options.skip_scale,
+        share_norm=options.skip_share_norm,
+        learnable_scale=options.skip_learnable_scale,
+    )
+
+
+__all__ = [
+    "SKIP_VARIANTS",
+    "SkipOptions",
+    "ResidualSkip",
+    "ScaledSkip",
+    "NormSkip",
+    "PreNormSkip",
+    "create_skip",
+]
