@@ -1,0 +1,53 @@
+import gzip
+import itertools
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def read_lines(path: Path, limit: int | None = None) -> list[str]:
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        return [line.rstrip("\n") for line in itertools.islice(handle, limit)]
+
+
+@pytest.fixture(scope="session")
+def multi30k_dir() -> Path:
+    path = SHARED_DATA / "multi30k"
+    if not (path / "train.en.gz").exists():
+        raise FileNotFoundError(f"{path} must hold Multi30k (train.en.gz, ...): the tests read ../shared/data")
+    return path
+
+
+@pytest.fixture(scope="session")
+def marian_tokenizer(multi30k_dir, tmp_path_factory):
+    """A MarianTokenizer trained on 300 Multi30k training pairs (EN-DE)."""
+    from rskip.tokenization import train_marian_tokenizer
+
+    source = read_lines(multi30k_dir / "train.en.gz", 300)
+    target = read_lines(multi30k_dir / "train.de.gz", 300)
+    return train_marian_tokenizer(source, target, tmp_path_factory.mktemp("tokenizer"), vocab_size=400,
+                                  source_lang="en", target_lang="de")
+
+
+@pytest.fixture
+def run_python(tmp_path):
+    """Run a Python script in a fresh interpreter (this environment's), from a folder outside the repository."""
+    import subprocess
+    import sys
+
+    def run(script: str, *args, timeout: int = 300) -> subprocess.CompletedProcess:
+        workdir = tmp_path / "fresh-process"
+        workdir.mkdir(exist_ok=True)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+        result = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=workdir, env=env,
+                                capture_output=True, text=True, timeout=timeout)
+        assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+        return result
+
+    return run
