@@ -34,6 +34,10 @@ class RSkipMarianConfig(MarianConfig):
         `rskip*` only: one norm for all K steps instead of one per step.
     skip_learnable_scale (`bool`, *optional*, defaults to `False`):
         `xskip*` only: learn λ (one scalar per sublayer, initialised at `skip_scale`).
+    pad_token_id (`int`, *optional*, defaults to `vocab_size - 1`):
+        Marian's convention (58100 with Marian's default vocabulary).
+    decoder_start_token_id (`int`, *optional*, defaults to `pad_token_id`):
+        Marian starts decoding with the pad token.
 
     An option the chosen variant does not use must keep its default; otherwise a `ValueError`
     says which option is set and which variants use it.
@@ -48,7 +52,6 @@ class RSkipMarianConfig(MarianConfig):
     ```"""
 
     model_type = "rskip_marian"
-
     skip_variant: str = "rskip_ln"
     skip_scale: float = 1.0
     skip_recursions: int = 2
@@ -57,6 +60,12 @@ class RSkipMarianConfig(MarianConfig):
 
     def __post_init__(self, **kwargs):
         self.skip_options()
+        # Marian's convention, pad = decoder start = the last id, also when only `vocab_size` is given.
+        marian_default = MarianConfig.__dataclass_fields__["pad_token_id"].default
+        if self.pad_token_id == marian_default and self.vocab_size <= marian_default:
+            self.pad_token_id = self.vocab_size - 1
+        if self.decoder_start_token_id == marian_default and self.vocab_size <= marian_default:
+            self.decoder_start_token_id = self.pad_token_id
         kwargs["custom_pipelines"] = {**kwargs.get("custom_pipelines", {}), **copy.deepcopy(TRANSLATION_PIPELINE)}
         super().__post_init__(**kwargs)
 

@@ -412,3 +412,12 @@ def test_checkpoint_with_other_shapes_fails_clearly(tmp_path):
     rskip_model().save_pretrained(tmp_path)
     with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
         RSkipMarianMTModel.from_pretrained(tmp_path, encoder_ffn_dim=20)
+
+
+def test_pad_and_decoder_start_follow_marians_last_id_convention():
+    assert RSkipMarianConfig().pad_token_id == MarianConfig().pad_token_id == 58100
+    config = RSkipMarianConfig(vocab_size=8000)
+    assert config.pad_token_id == config.decoder_start_token_id == 7999
+    config = RSkipMarianConfig(vocab_size=8000, pad_token_id=3)
+    assert config.pad_token_id == config.decoder_start_token_id == 3
+    assert RSkipMarianConfig(vocab_size=8000, pad_token_id=3, decoder_start_token_id=5).decoder_start_token_id == 5
