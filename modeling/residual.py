@@ -132,12 +132,14 @@ class NormSkip(ResidualSkip):
         )
         self.scale = nn.Parameter(torch.tensor(float(scale))) if learnable_scale else float(scale)
         self.initial_scale = float(scale)
+        # A fixed λ = 1 (post_ln, rskip_*) is left out rather than multiplied in, so LN(x + h) costs what it costs.
+        self.scales_shortcut = learnable_scale or scale != 1.0
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         return self.norm_layer.forward(self, z)
 
     def forward(self, x, h):
-        shortcut = self.scale * x
+        shortcut = self.scale * x if self.scales_shortcut else x
         y = self.normalize(shortcut + h)
         for step in range(1, self.recursions):
             norm = self.normalize if self.share_norm else self.recursion_norms[step - 1]
