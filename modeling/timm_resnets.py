@@ -1,0 +1,472 @@
+"""timm ResNets whose blocks join shortcut and branch with the residual family of Liu et al.,
+"Rethinking Skip Connection with Layer Normalization in Transformers and ResNets" (COLING 2020, arXiv:2105.07205).
+
+A block with shortcut s (the identity, or the block's projection of its input x) and branch output h = F(x) returns
+skip(s, h), e.g. rSkip+LN with K = 2: y = LN_2(s + LN_1(s + h)); λ of the `xskip*` variants multiplies s. timm's
+post-activation ResNets then apply the block's final activation, so their norm sits after the add and before it.
+
+- `preact_resnet20/56/110/164`: the CIFAR pre-activation ResNets of He et al., "Identity Mappings in Deep Residual
+  Networks" (ECCV 2016), built from timm's ResNetV2 parts.
+- `rskip_resnet18/34/50/101/152`: timm's `ResNet` with `RSkipBasicBlock`/`RSkipBottleneck` injected.
+- `patch_timm_resnet`: converts any timm `ResNet` in place, keeping its weights.
+
+The `skip_*` keyword arguments of the entrypoints are recorded in the model's timm `model_args`, so `save_for_hf` and
+`push_to_hf_hub` folders load back (after `import rskip`) with the same skip connection.
+"""
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import (
+    BatchNormAct2d,
+    ClassifierHead,
+    GroupNorm1,
+    LayerNorm2d,
+    calculate_drop_path_rates,
+    create_conv2d,
+    get_device_dtype,
+    get_norm_act_layer,
+    register_notrace_module,
+)
+from timm.models import build_model_with_cfg, generate_default_cfgs, is_model, model_entrypoint, register_model
+from timm.models._features import feature_take_indices
+from timm.models._input import update_model_args
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+from timm.models.resnetv2 import PreActBasic, PreActBottleneck, ResNetStage, ResNetV2
+from torch import nn
+
+from .residual import ResidualSkip, SkipOptions, create_skip
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+# LN over (C, H, W) with a per-channel affine is GroupNorm with one group; over C alone it is ConvNeXt's LayerNorm2d.
+SKIP_NORM_LAYERS = {"chw": GroupNorm1, "c": LayerNorm2d}
+LN_VARIANTS = ("post_ln", "pre_ln", "xskip_ln", "rskip_ln")
+
+
+@dataclass(frozen=True)
+class ResNetSkipOptions(SkipOptions):
+    """`SkipOptions` plus the axes the LN variants normalise a feature map over (BN variants use BatchNorm2d).
+
+    ``skip_norm_dims``: ``"chw"`` (each sample over C, H, W with a per-channel affine) or ``"c"`` (each position
+    over C).
+    """
+
+    skip_norm_dims: str = "chw"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.skip_norm_dims not in SKIP_NORM_LAYERS:
+            raise ValueError(
+                f"skip_norm_dims={self.skip_norm_dims!r} is not known; "
+                "allowed: 'chw' (LN over C, H, W) or 'c' (LN over C)"
+            )
+        if self.skip_norm_dims != "chw" and self.skip_variant not in LN_VARIANTS:
+            raise ValueError(
+                f"skip_norm_dims={self.skip_norm_dims!r} is set but skip_variant={self.skip_variant!r} has no LN; "
+                f"skip_norm_dims applies to {', '.join(LN_VARIANTS)} (leave it at its default, 'chw', otherwise)"
+            )
+
+    @classmethod
+    def pop_from(cls, kwargs: dict) -> "ResNetSkipOptions":
+        """Take the ``skip_*`` entries out of a keyword-argument dict."""
+        return cls(**{name: kwargs.pop(name) for name in cls.__dataclass_fields__ if name in kwargs})
+
+    def create_skip(self, in_channels: int, out_channels: int, device=None, dtype=None) -> ResidualSkip:
+        """The skip module of a block; `pre_ln` normalises the block's input, the other variants its joined output."""
+        num_features = in_channels if self.skip_variant == "pre_ln" else out_channels
+        skip = create_skip(self, num_features, ln_layer=SKIP_NORM_LAYERS[self.skip_norm_dims], bn_layer=nn.BatchNorm2d)
+        if self.skip_variant.endswith("_bn"):
+            # The skip is its own first BatchNorm2d, whose forward branches on the input's rank: an FX leaf.
+            register_notrace_module(type(skip))
+        return skip.to(device=device, dtype=dtype)
+
+
+class _SkipJoin:
+    """Gives a timm block a `skip` module sized by its first and last convolution; the block's `forward` calls it."""
+
+    last_conv: str
+
+    def __init__(self, *args, skip_options: ResNetSkipOptions = ResNetSkipOptions(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_skip(skip_options)
+
+    def add_skip(self, skip_options: ResNetSkipOptions) -> None:
+        in_channels, out_channels = self.conv1.in_channels, getattr(self, self.last_conv).out_channels
+        self.skip = skip_options.create_skip(in_channels, out_channels, **get_device_dtype(self))
+
+
+class RSkipBasicBlock(_SkipJoin, BasicBlock):
+    """Identical to timm's `BasicBlock` except the join: act(skip(shortcut, F(skip.branch_input(x))))."""
+
+    last_conv = "conv2"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+
+        x = self.conv1(self.skip.branch_input(x))
+        x = self.bn1(x)
+        x = self.drop_block(x)
+        x = self.act1(x)
+        x = self.aa(x)
+
+        x = self.conv2(x)
+        x = self.bn2(x)
+
+        if self.se is not None:
+            x = self.se(x)
+
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        x = self.skip(shortcut, x)
+        x = self.act2(x)
+
+        return x
+
+
+class RSkipBottleneck(_SkipJoin, Bottleneck):
+    """Identical to timm's `Bottleneck` except the join: act(skip(shortcut, F(skip.branch_input(x))))."""
+
+    last_conv = "conv3"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+
+        x = self.conv1(self.skip.branch_input(x))
+        x = self.bn1(x)
+        x = self.act1(x)
+
+        x = self.conv2(x)
+        x = self.bn2(x)
+        x = self.drop_block(x)
+        x = self.act2(x)
+        x = self.aa(x)
+
+        x = self.conv3(x)
+        x = self.bn3(x)
+
+        if self.se is not None:
+            x = self.se(x)
+
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        x = self.skip(shortcut, x)
+        x = self.act3(x)
+
+        return x
+
+
+class RSkipPreActBasic(_SkipJoin, PreActBasic):
+    """Identical to timm's `PreActBasic` except the join: skip(shortcut, F(skip.branch_input(x)))."""
+
+    last_conv = "conv2"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_preact = self.norm1(self.skip.branch_input(x))
+
+        # shortcut branch: the projection sees the pre-activated input, as in He et al.
+        shortcut = x
+        if self.downsample is not None:
+            shortcut = self.downsample(x_preact)
+
+        # residual branch
+        x = self.conv1(x_preact)
+        x = self.conv2(self.norm2(x))
+        x = self.drop_path(x)
+        return self.skip(shortcut, x)
+
+
+class RSkipPreActBottleneck(_SkipJoin, PreActBottleneck):
+    """Identical to timm's `PreActBottleneck` except the join: skip(shortcut, F(skip.branch_input(x)))."""
+
+    last_conv = "conv3"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_preact = self.norm1(self.skip.branch_input(x))
+
+        # shortcut branch: the projection sees the pre-activated input, as in He et al.
+        shortcut = x
+        if self.downsample is not None:
+            shortcut = self.downsample(x_preact)
+
+        # residual branch
+        x = self.conv1(x_preact)
+        x = self.conv2(self.norm2(x))
+        x = self.conv3(self.norm3(x))
+        x = self.drop_path(x)
+        return self.skip(shortcut, x)
+
+
+_RSKIP_BLOCKS = {BasicBlock: RSkipBasicBlock, Bottleneck: RSkipBottleneck}
+
+
+class CifarPreActResNet(ResNetV2):
+    """Identical to timm's `ResNetV2` except: a 3×3 stride-1 stem without pooling (32×32 images), three stages
+    at widths 16/32/64, and blocks joined by a skip of the residual family.
+
+    He et al. 2016 ("Identity Mappings"): block F = BN→ReLU→conv3×3→BN→ReLU→conv3×3 (bottleneck: 1×1, 3×3, 1×1 at a
+    quarter of the output width), no activation after the join, a final BN→ReLU before pooling; a stage's first
+    block projects the pre-activated input with a 1×1 convolution when its shape changes.
+    """
+
+    def __init__(
+            self,
+            layers: tuple[int, ...],
+            channels: tuple[int, ...] = (16, 32, 64),
+            bottleneck: bool = False,
+            stem_width: int = 16,
+            num_classes: int = 10,
+            in_chans: int = 3,
+            global_pool: str = "avg",
+            drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
+            skip_options: ResNetSkipOptions = ResNetSkipOptions(),
+            device=None,
+            dtype=None,
+    ):
+        # ResNetV2.__init__ builds an ImageNet stem; set up the attributes its methods use instead.
+        nn.Module.__init__(self)
+        dd = {"device": device, "dtype": dtype}
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        norm_layer = get_norm_act_layer(BatchNormAct2d, act_layer=nn.ReLU)
+
+        self.stem = nn.Sequential(OrderedDict(conv=create_conv2d(in_chans, stem_width, 3, **dd)))
+        self.stem_feat_idx = 0
+        self.feature_info = [dict(num_chs=stem_width, reduction=1, module="stem.conv")]
+
+        block_fn = RSkipPreActBottleneck if bottleneck else RSkipPreActBasic
+        prev_chs, reduction = stem_width, 1
+        self.stages = nn.Sequential()
+        for stage_idx, (depth, out_chs, block_dpr) in enumerate(
+                zip(layers, channels, calculate_drop_path_rates(drop_path_rate, layers, stagewise=True))):
+            stride = 1 if stage_idx == 0 else 2
+            self.stages.add_module(str(stage_idx), ResNetStage(
+                prev_chs,
+                out_chs,
+                stride=stride,
+                dilation=1,
+                depth=depth,
+                bottle_ratio=0.25 if bottleneck else 1.0,
+                block_dpr=block_dpr,
+                block_fn=block_fn,
+                conv_layer=create_conv2d,
+                norm_layer=norm_layer,
+                skip_options=skip_options,
+                **dd,
+            ))
+            prev_chs, reduction = out_chs, reduction * stride
+            self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f"stages.{stage_idx}"))
+
+        self.num_features = prev_chs
+        self.norm = norm_layer(self.num_features, **dd)
+        self.head = ClassifierHead(
+            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, use_conv=True, **dd,
+        )
+        self.head_hidden_size = self.head.num_features
+
+        self.init_weights()
+
+    @torch.jit.ignore
+    def init_weights(self, zero_init_last: bool = False) -> None:
+        """ResNetV2's initialisation; He et al. do not zero-initialise the last layer of the branch."""
+        super().init_weights(zero_init_last=zero_init_last)
+
+    # ResNetV2 counts five feature levels (stem and four stages), this net has four.
+    def forward_intermediates(self, x: torch.Tensor, indices=None, **kwargs):
+        take_indices, _ = feature_take_indices(len(self.feature_info), indices)
+        return super().forward_intermediates(x, take_indices, **kwargs)
+
+    def prune_intermediate_layers(self, indices=1, **kwargs):
+        take_indices, _ = feature_take_indices(len(self.feature_info), indices)
+        return super().prune_intermediate_layers(take_indices, **kwargs)
+
+
+def _create_preact_resnet(variant: str, pretrained: bool = False, **kwargs) -> CifarPreActResNet:
+    skip_options = ResNetSkipOptions.pop_from(kwargs)
+    model = build_model_with_cfg(
+        CifarPreActResNet, variant, pretrained,
+        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
+        skip_options=skip_options,
+        **kwargs,
+    )
+    update_model_args(model, **skip_options.to_dict())
+    return model
+
+
+def _create_rskip_resnet(variant: str, pretrained: bool = False, **kwargs) -> ResNet:
+    skip_options = ResNetSkipOptions.pop_from(kwargs)
+    block_args = dict(kwargs.pop("block_args", None) or {}, skip_options=skip_options)
+    model = build_model_with_cfg(ResNet, variant, pretrained, block_args=block_args, **kwargs)
+    update_model_args(model, **skip_options.to_dict())
+    return model
+
+
+def patch_timm_resnet(model: ResNet, **skip_options) -> ResNet:
+    """Give every block of a timm `ResNet` the skip connection chosen by ``skip_options``; in place, returns the model.
+
+    Weights are kept (`plain` is the unchanged model); new norm weights start at their default (weight 1, bias 0).
+    resnet18/34/50/101/152 are recorded as their `rskip_resnet*` counterpart, so `save_for_hf`/`push_to_hf_hub`
+    folders of the patched model load back with `timm.create_model("local-dir:...", pretrained=True)`.
+    """
+    if not isinstance(model, ResNet):
+        raise ValueError(f"model must be a timm ResNet (timm.models.ResNet), got {type(model).__name__}")
+    options = ResNetSkipOptions(**skip_options)
+    blocks = [module for module in model.modules() if isinstance(module, (BasicBlock, Bottleneck))]
+    unsupported = [type(block).__name__ for block in blocks if type(block) not in _RSKIP_BLOCKS]
+    if unsupported:
+        raise ValueError(
+            f"model has blocks of type {unsupported[0]}; patch_timm_resnet converts timm's BasicBlock and Bottleneck "
+            "(a model patched or built by rskip already has its skip connection)"
+        )
+    for block in blocks:
+        block.__class__ = _RSKIP_BLOCKS[type(block)]
+        block.add_skip(options)
+    counterpart = f"rskip_{model.pretrained_cfg.get('architecture')}"
+    if counterpart in default_cfgs:
+        model.pretrained_cfg = model.default_cfg = dict(model.pretrained_cfg, architecture=counterpart)
+    update_model_args(model, **options.to_dict())
+    return model
+
+
+def rskip_architecture(architecture: str) -> str:
+    """The name of this module's model for a timm architecture: ours unchanged, `resnet50` → `rskip_resnet50`."""
+    for name in (architecture, f"rskip_{architecture}"):
+        if name in default_cfgs:
+            return name
+    stock = [name.removeprefix("rskip_") for name in default_cfgs if name.startswith("rskip_")]
+    raise ValueError(
+        f"architecture={architecture!r} has no rskip counterpart; allowed: {', '.join(default_cfgs)} "
+        f"and the timm ResNets {', '.join(stock)}"
+    )
+
+
+def _cifar_cfg(**kwargs):
+    return {
+        "url": "", "num_classes": 10, "input_size": (3, 32, 32), "pool_size": (8, 8),
+        "crop_pct": 1.0, "interpolation": "bilinear", "mean": CIFAR10_MEAN, "std": CIFAR10_STD,
+        "first_conv": "stem.conv", "classifier": "head.fc", "license": "apache-2.0",
+        "paper_ids": "arXiv:1603.05027,arXiv:2105.07205", **kwargs,
+    }
+
+
+def _imagenet_cfg(**kwargs):
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
+        "crop_pct": 0.875, "interpolation": "bilinear", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "conv1", "classifier": "fc", "license": "apache-2.0",
+        "paper_ids": "arXiv:1512.03385,arXiv:2105.07205", **kwargs,
+    }
+
+
+# `register_model` reads `default_cfgs` from this module, so it is defined before the entrypoints.
+default_cfgs = generate_default_cfgs({
+    "preact_resnet20": _cifar_cfg(),
+    "preact_resnet56": _cifar_cfg(),
+    "preact_resnet110": _cifar_cfg(),
+    "preact_resnet164": _cifar_cfg(),
+    "rskip_resnet18": _imagenet_cfg(),
+    "rskip_resnet34": _imagenet_cfg(),
+    "rskip_resnet50": _imagenet_cfg(),
+    "rskip_resnet101": _imagenet_cfg(),
+    "rskip_resnet152": _imagenet_cfg(),
+})
+BACKBONES = tuple(default_cfgs)
+
+
+def _register(fn):
+    """`register_model`, unless another copy of this file registered the name already: rskip's own, or the copy
+    transformers puts next to a saved checkpoint and imports as remote code. Each copy builds its models itself."""
+    name = fn.__name__
+    if is_model(name) and model_entrypoint(name).__module__.rpartition(".")[2] == __name__.rpartition(".")[2]:
+        return fn
+    return register_model(fn)
+
+
+@_register
+def preact_resnet20(pretrained: bool = False, **kwargs) -> CifarPreActResNet:
+    """PreAct-ResNet-20 for CIFAR: 3 basic blocks per stage."""
+    model_args = dict(layers=(3, 3, 3))
+    return _create_preact_resnet("preact_resnet20", pretrained, **dict(model_args, **kwargs))
+
+
+@_register
+def preact_resnet56(pretrained: bool = False, **kwargs) -> CifarPreActResNet:
+    """PreAct-ResNet-56 for CIFAR: 9 basic blocks per stage."""
+    model_args = dict(layers=(9, 9, 9))
+    return _create_preact_resnet("preact_resnet56", pretrained, **dict(model_args, **kwargs))
+
+
+@_register
+def preact_resnet110(pretrained: bool = False, **kwargs) -> CifarPreActResNet:
+    """PreAct-ResNet-110 for CIFAR: 18 basic blocks per stage, 1.7M parameters."""
+    model_args = dict(layers=(18, 18, 18))
+    return _create_preact_resnet("preact_resnet110", pretrained, **dict(model_args, **kwargs))
+
+
+@_register
+def preact_resnet164(pretrained: bool = False, **kwargs) -> CifarPreActResNet:
+    """PreAct-ResNet-164 for CIFAR: 18 bottleneck blocks per stage, 64/128/256 outputs."""
+    model_args = dict(layers=(18, 18, 18), channels=(64, 128, 256), bottleneck=True)
+    return _create_preact_resnet("preact_resnet164", pretrained, **dict(model_args, **kwargs))
+
+
+@_register
+def rskip_resnet18(pretrained: bool = False, **kwargs) -> ResNet:
+    """timm's resnet18 with the skip connection chosen by the `skip_*` arguments."""
+    model_args = dict(block=RSkipBasicBlock, layers=(2, 2, 2, 2))
+    return _create_rskip_resnet("rskip_resnet18", pretrained, **dict(model_args, **kwargs))
+
+
+@_register
+def rskip_resnet34(pretrained: bool = False, **kwargs) -> ResNet:
+    """timm's resnet34 with the skip connection chosen by the `skip_*` arguments."""
+    model_args = dict(block=RSkipBasicBlock, layers=(3, 4, 6, 3))
+    return _create_rskip_resnet("rskip_resnet34", pretrained, **dict(model_args, **kwargs))
+
+
+@_register
+def rskip_resnet50(pretrained: bool = False, **kwargs) -> ResNet:
+    """timm's resnet50 with the skip connection chosen by the `skip_*` arguments."""
+    model_args = dict(block=RSkipBottleneck, layers=(3, 4, 6, 3))
+    return _create_rskip_resnet("rskip_resnet50", pretrained, **dict(model_args, **kwargs))
+
+
+@_register
+def rskip_resnet101(pretrained: bool = False, **kwargs) -> ResNet:
+    """timm's resnet101 with the skip connection chosen by the `skip_*` arguments."""
+    model_args = dict(block=RSkipBottleneck, layers=(3, 4, 23, 3))
+    return _create_rskip_resnet("rskip_resnet101", pretrained, **dict(model_args, **kwargs))
+
+
+@_register
+def rskip_resnet152(pretrained: bool = False, **kwargs) -> ResNet:
+    """timm's resnet152 with the skip connection chosen by the `skip_*` arguments."""
+    model_args = dict(block=RSkipBottleneck, layers=(3, 8, 36, 3))
+    return _create_rskip_resnet("rskip_resnet152", pretrained, **dict(model_args, **kwargs))
+
+
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "SKIP_NORM_LAYERS",
+    "BACKBONES",
+    "ResNetSkipOptions",
+    "RSkipBasicBlock",
+    "RSkipBottleneck",
+    "RSkipPreActBasic",
+    "RSkipPreActBottleneck",
+    "CifarPreActResNet",
+    "patch_timm_resnet",
+    "rskip_architecture",
+]
