@@ -1,0 +1,43 @@
+"""The benchmark script runs, writes its table, CSV and plot, and its memory measure holds what it promises.
+
+Times are printed as ratios by the script; no test asserts on them.
+"""
+
+import json
+import sys
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))
+import benchmark  # noqa: E402
+
+
+def by_model(results, name):
+    return next(r for r in results if r["model"] == name)
+
+
+def test_marian_benchmark_ratios_against_stock(tmp_path):
+    results = benchmark.main(["--family", "marian", "--d_model", "16", "--heads", "2", "--layers", "2",
+                              "--vocab_size", "50", "--batch_size", "2", "--seq_len", "6", "--min_run_time", "0.01", "--threads", "1",
+                              "--output_dir", str(tmp_path)])
+    assert results[0]["model"] == "MarianMTModel (stock)" and results[0]["time_ratio"] == 1.0
+    # post_ln is Marian: the same parameters and the same tensors saved for backward
+    post_ln = by_model(results, "RSkipMarian variant=post_ln")
+    assert post_ln["activation_ratio"] == 1.0 and post_ln["parameters"] == results[0]["parameters"]
+    # each extra recursion step keeps one more normalised tensor per sublayer
+    k2 = by_model(results, "RSkipMarian variant=rskip_ln recursions=2")
+    k3 = by_model(results, "RSkipMarian variant=rskip_ln recursions=3")
+    assert 1.0 < k2["activation_ratio"] < k3["activation_ratio"]
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    assert [r["model"] for r in saved["results"]] == [r["model"] for r in results]
+    assert (tmp_path / "benchmark.csv").read_text().count("\n") == len(results) + 1
+    assert (tmp_path / "benchmark.png").stat().st_size > 0
+
+
+def test_resnet_benchmark_plain_costs_what_timm_costs(tmp_path):
+    results = benchmark.main(["--family", "resnet", "--image_model", "resnet18", "--batch_size", "2",
+                              "--image_size", "32", "--min_run_time", "0.01", "--threads", "1", "--output_dir", str(tmp_path)])
+    assert results[0]["model"] == "timm resnet18 (stock)"
+    plain = by_model(results, "rskip_resnet18 variant=plain")
+    assert plain["activation_ratio"] == 1.0 and plain["parameters"] == results[0]["parameters"]
+    assert by_model(results, "rskip_resnet18 variant=rskip_ln recursions=2")["activation_ratio"] > 1.0
