@@ -1,14 +1,19 @@
 import gzip
 import itertools
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+# The training scripts are not a package: their tests import them (and training_common) from scripts/.
+sys.path.insert(0, str(REPO / "scripts"))
 
 
 def read_lines(path: Path, limit: int | None = None) -> list[str]:
@@ -38,13 +43,11 @@ def marian_tokenizer(multi30k_dir, tmp_path_factory):
 @pytest.fixture
 def run_python(tmp_path):
     """Run a Python script in a fresh interpreter (this environment's), from a folder outside the repository."""
-    import subprocess
-    import sys
-
     def run(script: str, *args, timeout: int = 300) -> subprocess.CompletedProcess:
         workdir = tmp_path / "fresh-process"
         workdir.mkdir(exist_ok=True)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+        # The parent's thread count, so that outputs compared across the two processes are computed alike.
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": "", "OMP_NUM_THREADS": str(torch.get_num_threads())}
         result = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=workdir, env=env,
                                 capture_output=True, text=True, timeout=timeout)
         assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"

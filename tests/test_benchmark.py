@@ -4,12 +4,19 @@ Times are printed as ratios by the script; no test asserts on them.
 """
 
 import json
-import sys
 
-from conftest import REPO
+import pytest
+import torch
 
-sys.path.insert(0, str(REPO / "scripts"))
-import benchmark  # noqa: E402
+import benchmark
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """The script sets torch's thread count (`--threads`); later tests must not inherit it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def by_model(results, name):
