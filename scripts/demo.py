@@ -1,0 +1,117 @@
+"""`make demo`: post-LN against rSkip+LN (K = 2), side by side, offline, in a few minutes on a CPU.
+
+The task needs no download: English number words into German ones, generated here with num2words, e.g.
+"seven thousand, three hundred and forty-two" -> "siebentausenddreihundertzweiundvierzig".
+German says the units before the tens ("zweiundvierzig" is two-and-forty) and writes a number as one word,
+so the model must reorder, not just look words up.
+
+Both models are trained by `train_translation.py` from the same seed, data, tokenizer and number of steps; they
+differ only in `--skip_variant`. The script prints a table, a few translations, and plots the validation curves
+to `<output_dir>/comparison.png`. One seed of one small model: a smoke test of the claim, not a measurement.
+"""
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from num2words import num2words
+
+from rskip.tokenization import train_marian_tokenizer
+from training_common import plot_curves
+
+SCRIPTS = Path(__file__).resolve().parent
+VARIANTS = {"post_ln": ["--skip_variant", "post_ln"],
+            "rskip_ln": ["--skip_variant", "rskip_ln", "--skip_recursions", "2"]}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--output_dir", default="runs/demo")
+    parser.add_argument("--largest_number", type=int, default=9999)
+    parser.add_argument("--train_size", type=int, default=8000)
+    parser.add_argument("--eval_size", type=int, default=200, help="Validation and test pairs each.")
+    parser.add_argument("--max_train_steps", type=int, default=500)
+    parser.add_argument("--eval_steps", type=int, default=125)
+    parser.add_argument("--model_preset", default="transformer-tiny")
+    parser.add_argument("--config_overrides", default="encoder_layers=6,decoder_layers=6",
+                        help="A deeper stack than the preset's: where the skip connection matters.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--extra_args", default="", help="More train_translation.py flags, for both runs.")
+    return parser.parse_args(argv)
+
+
+def write_number_pairs(folder: Path, largest_number: int, train_size: int, eval_size: int, seed: int) -> Path:
+    """train/validation/test files PREFIX.{en,de} of distinct random numbers from 1 to `largest_number`."""
+    numbers = random.Random(seed).sample(range(1, largest_number + 1), train_size + 2 * eval_size)
+    splits = {"train": numbers[:train_size], "valid": numbers[train_size:train_size + eval_size],
+              "test": numbers[train_size + eval_size:]}
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, values in splits.items():
+        for lang in ("en", "de"):
+            (folder / f"{split}.{lang}").write_text("".join(num2words(n, lang=lang) + "\n" for n in values))
+    return folder
+
+
+def train(variant: str, data: Path, tokenizer: Path, output_dir: Path, args) -> dict:
+    """One `train_translation.py` run in a fresh process; returns its results.json."""
+    command = [
+        sys.executable, str(SCRIPTS / "train_translation.py"),
+        "--train_file", str(data / "train"), "--validation_file", str(data / "valid"),
+        "--test_file", str(data / "test"),
+        "--source_lang", "en", "--target_lang", "de", "--tokenizer_name", str(tokenizer),
+        "--model_preset", args.model_preset, "--config_overrides", args.config_overrides,
+        "--learning_rate", "1e-3", "--num_warmup_steps", str(max(1, args.max_train_steps // 6)),
+        "--max_tokens", "2048", "--max_train_steps", str(args.max_train_steps), "--eval_steps", str(args.eval_steps),
+        "--num_beams", "4", "--val_max_target_length", "24", "--bleu_tokenize", "char", "--seed", str(args.seed),
+        "--output_dir", str(output_dir / variant), *VARIANTS[variant], *args.extra_args.split(),
+    ]
+    print(f"\n=== {variant}: {' '.join(command[1:])}", flush=True)
+    subprocess.run(command, check=True)
+    return json.loads((output_dir / variant / "results.json").read_text())
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    started = time.time()
+    data = write_number_pairs(output_dir / "data", args.largest_number, args.train_size, args.eval_size, args.seed)
+    tokenizer = output_dir / "tokenizer"
+    train_marian_tokenizer((data / "train.en").read_text().splitlines(), (data / "train.de").read_text().splitlines(),
+                           tokenizer, vocab_size=200, source_lang="en", target_lang="de", seed=args.seed)
+    results = {variant: train(variant, data, tokenizer, output_dir, args) for variant in VARIANTS}
+
+    sources = (data / "test.en").read_text().splitlines()
+    references = (data / "test.de").read_text().splitlines()
+    predictions = {variant: (output_dir / variant / "predictions_test.txt").read_text().splitlines()
+                   for variant in VARIANTS}
+
+    print(f"\nEnglish number words -> German, {args.model_preset} ({args.config_overrides}), "
+          f"{args.max_train_steps} steps, seed {args.seed}; {time.time() - started:.0f} s in all")
+    print(f"{'variant':<10} {'best step':>9} {'valid BLEU':>10} {'valid chrF':>10} {'valid loss':>10} "
+          f"{'test BLEU':>9} {'test chrF':>9} {'test exact':>10} {'train s':>8}")
+    for variant, result in results.items():
+        valid, test = result["validation"], result["test"]
+        exact = 100 * sum(map(str.__eq__, predictions[variant], references)) / len(references)
+        print(f"{variant:<10} {result['best_step']:>9} {valid['bleu']:>10.2f} {valid['chrf']:>10.2f} "
+              f"{valid['loss']:>10.3f} {test['bleu']:>9.2f} {test['chrf']:>9.2f} {exact:>9.1f}% "
+              f"{result['train_runtime_s']:>8.0f}")
+    print(f"BLEU {results['rskip_ln']['test']['bleu_signature']} (character BLEU: a German number is one word); "
+          f"chrF {results['rskip_ln']['test']['chrf_signature']}; exact: whole number right")
+    for index in range(3):
+        print(f"\n  {sources[index]}\n  reference: {references[index]}")
+        for variant in VARIANTS:
+            print(f"  {variant + ':':<10} {predictions[variant][index]}")
+
+    figure = plot_curves({variant: result["history"] for variant, result in results.items()}, ["loss", "bleu", "chrf"],
+                         output_dir / "comparison.png")
+    print(f"\nValidation curves: {figure}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
