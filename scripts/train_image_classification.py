@@ -21,7 +21,6 @@ code, class names and image processor) plus `results.json`; `checkpoints/` holds
 
 import argparse
 import contextlib
-import json
 import math
 import random
 import time
@@ -32,9 +31,8 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from datasets import ClassLabel, Dataset, DatasetDict, Image, load_dataset
-from datasets.exceptions import DatasetGenerationError
 from timm.data import create_transform, resolve_data_config
 from timm.data.transforms import str_to_interp_mode
 from timm.models import split_model_name_tag
@@ -47,19 +45,22 @@ from tqdm.auto import tqdm
 from rskip import SKIP_VARIANTS, ResNetSkipOptions, RSkipResNetConfig, RSkipResNetForImageClassification
 from rskip.timm_resnets import rskip_architecture
 from training_common import (
+    BEST_MODEL,
+    RunState,
     TrainingError,
-    atomic_directory,
-    check_finite_loss,
+    add_output_arguments,
+    command_line,
+    create_accelerator,
     find_checkpoint,
-    grouped,
+    finish_output,
     init_tracking,
-    plot_curves,
-    push_to_hub,
-    read_run_state,
+    read_data_file,
+    resume,
     run_config,
     run_main,
-    save_checkpoint,
-    write_json,
+    run_results,
+    save_best_model,
+    train_loop,
 )
 
 SKIP_FLAGS = tuple(ResNetSkipOptions.__dataclass_fields__)
@@ -75,7 +76,6 @@ MAY_CHANGE_ON_RESUME = {
     "per_device_eval_batch_size", "max_eval_samples", "dataloader_num_workers",
     "with_tracking", "report_to", "push_to_hub", "hub_model_id", "hub_token",
 }
-IGNORED_BY_HUB = ["checkpoints/*", "best_model/*", ".tmp-*", ".old-*"]
 
 
 def parse_args(argv=None):
@@ -166,20 +166,7 @@ def parse_args(argv=None):
                                                                   "and at the end.")
     evaluation.add_argument("--per_device_eval_batch_size", type=int, default=256)
 
-    output = parser.add_argument_group("checkpoints and output")
-    output.add_argument("--output_dir", required=True)
-    output.add_argument("--checkpointing_steps",
-                        help="Save a resumable state every N updates, or 'epoch'; and at the end of training.")
-    output.add_argument("--checkpoints_total_limit", type=int, help="Keep only the newest N checkpoints.")
-    output.add_argument("--resume_from_checkpoint",
-                        help="A checkpoint folder, or 'latest' (the newest in --output_dir, if any).")
-
-    logging = parser.add_argument_group("logging and the Hub")
-    logging.add_argument("--with_tracking", action="store_true")
-    logging.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "trackio", "wandb", "all"])
-    logging.add_argument("--push_to_hub", action="store_true")
-    logging.add_argument("--hub_model_id", help="Defaults to the name of --output_dir.")
-    logging.add_argument("--hub_token")
+    add_output_arguments(parser)
 
     args = parser.parse_args(argv)
     sources = [flag for flag in ("dataset_name", "train_file", "train_dir") if getattr(args, flag)]
@@ -267,21 +254,12 @@ def load_raw_datasets(args) -> DatasetDict:
 def read_images(path: str, folder: bool) -> Dataset:
     """A parquet file, or an image folder whose subfolders name the classes."""
     path = Path(path)
-    if folder and not path.is_dir():
-        raise TrainingError(f"{path}: no such folder")
-    if not folder and not path.is_file():
-        raise TrainingError(f"{path}: no such file")
     try:
-        if folder:
-            return load_dataset("imagefolder", data_files=str(path / "**"), split="train")
-        return load_dataset("parquet", data_files=str(path), split="train")
-    except ValueError as error:
-        if folder:  # datasets finds no image file
+        return read_data_file("imagefolder" if folder else "parquet", path, folder)
+    except TrainingError as error:
+        if folder and isinstance(error.__cause__, ValueError):  # datasets finds no image file
             raise TrainingError(f"no images in {path} (expected {path}/<class name>/<image file>)") from error
-        raise TrainingError(f"cannot read {path}: {type(error).__name__}: {error}") from error
-    except (DatasetGenerationError, OSError, EOFError) as error:
-        cause = error.__cause__ or error
-        raise TrainingError(f"cannot read {path}: {type(cause).__name__}: {cause}") from error
+        raise
 
 
 def image_and_label(dataset: Dataset, args, where: str) -> Dataset:
@@ -485,32 +463,15 @@ def evaluate(model, dataloader, accelerator: Accelerator) -> dict:
     return {"top1": round(100 * correct / count, 2), "loss": round(loss_sum / count, 4), "images": count}
 
 
-def save_model_folder(accelerator, model, path: Path) -> None:
-    """A Hub-ready folder, written atomically: model, custom code, config with the class names, image processor."""
-    with atomic_directory(accelerator, path) as temporary:
-        state_dict = accelerator.get_state_dict(model)
-        accelerator.unwrap_model(model).save_pretrained(temporary, state_dict=state_dict,
-                                                        is_main_process=accelerator.is_main_process,
-                                                        save_function=accelerator.save)
-
-
 # --------------------------------------------------------------------------------------------------- main
 
 def main(argv=None):
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        log_with=args.report_to if args.with_tracking else None,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        # The schedule counts optimizer updates, whatever the number of processes.
-        step_scheduler_with_optimizer=False,
-    )
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    config = run_config(args, MAY_CHANGE_ON_RESUME, num_processes=accelerator.num_processes)
+    accelerator = create_accelerator(args)
     checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint)
-    state = read_run_state(checkpoint, config) if checkpoint else {}
+    state = RunState.from_checkpoint(checkpoint, run_config(args, MAY_CHANGE_ON_RESUME,
+                                                            num_processes=accelerator.num_processes))
     set_seed(args.seed)
 
     # Data and model
@@ -547,20 +508,10 @@ def main(argv=None):
     if args.with_tracking:
         init_tracking(accelerator, "image_classification", vars(args))
 
-    # Resume: weights, optimizer, schedule and RNG from the checkpoint; the data position from run_state.json.
-    step, epoch, batches_done = state.get("step", 0), state.get("epoch", 0), state.get("batches_in_epoch", 0)
-    best, history = state.get("best"), state.get("history", [])
-    best_dir = output_dir / "best_model"
+    # Resume: weights, optimizer, schedule and RNG from the checkpoint; the data position is in `state`.
+    best_dir = output_dir / BEST_MODEL
     if checkpoint:
-        accelerator.load_state(str(checkpoint))
-        accelerator.print(f"Resumed from {checkpoint}: step {step}, epoch {epoch}, {batches_done} batches into it")
-        saved_best = best_dir / "validation_scores.json"
-        if best and (not saved_best.is_file() or json.loads(saved_best.read_text())["step"] != best["step"]):
-            accelerator.print(f"{best_dir} does not hold the checkpoint's best model (step {best['step']}): "
-                              f"the best is tracked anew from here")
-            best = None
-    if batches_done >= len(train_dataloader):
-        epoch, batches_done = epoch + 1, 0
+        resume(accelerator, checkpoint, state, best_dir)
 
     accelerator.print(
         f"{args.model}: {num_parameters / 1e6:.2f}M parameters, skip connection {skip}\n"
@@ -571,116 +522,39 @@ def main(argv=None):
         f"{args.num_warmup_steps} warmup updates, mixed precision {accelerator.mixed_precision}"
     )
 
+    def batch_loss(model, batch):  # summed over the images
+        logits = model(pixel_values=batch["pixel_values"]).logits
+        return F.cross_entropy(logits.float(), batch["labels"], label_smoothing=args.label_smoothing, reduction="sum")
+
     def validate():
-        nonlocal best
         scores = evaluate(model, eval_dataloader, accelerator)
-        record = {"step": step, "epoch": round(step / updates_per_epoch, 2), "top1": scores["top1"],
+        record = {"step": state.step, "epoch": round(state.step / updates_per_epoch, 2), "top1": scores["top1"],
                   "loss": scores["loss"]}
-        history.append(record)
-        accelerator.log({"validation/top1": scores["top1"], "validation/loss": scores["loss"]}, step=step)
-        improved = best is None or (scores["top1"], -scores["loss"]) > (best["top1"], -best["loss"])
-        accelerator.print(f"epoch {record['epoch']:.2f}, step {step}: validation top-1 {scores['top1']:.2f}% "
+        state.history.append(record)
+        accelerator.log({"validation/top1": scores["top1"], "validation/loss": scores["loss"]}, step=state.step)
+        improved = state.best is None or (scores["top1"], -scores["loss"]) > (state.best["top1"], -state.best["loss"])
+        accelerator.print(f"epoch {record['epoch']:.2f}, step {state.step}: validation top-1 {scores['top1']:.2f}% "
                           f"loss {scores['loss']:.4f} on {scores['images']} images"
                           + (" (best so far)" if improved else ""))
         if improved:
-            best = {"step": step, **scores}
-            save_model_folder(accelerator, model, best_dir)
-            if accelerator.is_main_process:
-                write_json(best_dir / "validation_scores.json", best)
-
-    def checkpoint_now():
-        save_checkpoint(
-            accelerator, output_dir,
-            {"step": step, "epoch": epoch, "batches_in_epoch": batches_done, "best": best, "history": history,
-             "config": config},
-            keep_last=args.checkpoints_total_limit,
-        )
+            state.best = {"step": state.step, **scores}
+            save_best_model(accelerator, model, best_dir, state.best)
 
     # Training
-    model.train()
     start_time = time.time()
-    progress = tqdm(total=max_train_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process)
-    while step < max_train_steps:
-        # The epoch orders the images (the sampler) and seeds their augmentation (the dataset). Accelerate passes it
-        # on to the dataset only when it runs a single process: set both.
-        train_dataloader.set_epoch(epoch)
-        train_data.set_epoch(epoch)
-        epoch_dataloader = (accelerator.skip_first_batches(train_dataloader, batches_done) if batches_done
-                            else train_dataloader)
-        for micro_batches in grouped(epoch_dataloader, args.gradient_accumulation_steps):
-            # The loss is the mean over all images of the update, on every process (the last batch of an epoch may
-            # be smaller): each process divides its summed loss by the global image count, and the factor
-            # num_processes undoes the averaging of gradients across processes.
-            num_images = accelerator.reduce(
-                torch.tensor(sum(len(batch["labels"]) for batch in micro_batches), device=accelerator.device), "sum")
-            loss_sum = torch.zeros((), device=accelerator.device)
-            for index, batch in enumerate(micro_batches):
-                last = index == len(micro_batches) - 1
-                with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                    logits = model(pixel_values=batch["pixel_values"]).logits
-                    loss = F.cross_entropy(logits.float(), batch["labels"], label_smoothing=args.label_smoothing,
-                                           reduction="sum")
-                    accelerator.backward(loss * accelerator.num_processes / num_images)
-                loss_sum += loss.detach()
-            train_loss = (accelerator.reduce(loss_sum, "sum") / num_images).item()
-            check_finite_loss(train_loss, step + 1, output_dir)
-            grad_norm = (accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm) if args.max_grad_norm
-                         else None)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad()
-            step += 1
-            batches_done += len(micro_batches)
-            progress.update(1)
-            progress.set_postfix(loss=f"{train_loss:.3f}", epoch=epoch)
-            accelerator.log({"train/loss": train_loss, "train/learning_rate": lr_scheduler.get_last_lr()[0],
-                             "train/epoch": epoch,
-                             **({"train/grad_norm": grad_norm.item()} if grad_norm is not None else {})}, step=step)
-            done = step >= max_train_steps
-            if done or (args.eval_steps != "epoch" and step % int(args.eval_steps) == 0):
-                validate()
-            if args.checkpointing_steps and (done or (args.checkpointing_steps.isdigit()
-                                                      and step % int(args.checkpointing_steps) == 0)):
-                checkpoint_now()
-            if done:
-                break
-        else:
-            epoch, batches_done = epoch + 1, 0
-            if step < max_train_steps:
-                if args.eval_steps == "epoch":
-                    validate()
-                if args.checkpointing_steps == "epoch":
-                    checkpoint_now()
-    progress.close()
-    if not history or history[-1]["step"] != step:  # resumed from the last checkpoint of a finished run
-        validate()
+    train_loop(accelerator, model, optimizer, lr_scheduler, train_dataloader, state, args, max_train_steps,
+               batch_loss=batch_loss, count_name="images", validate=validate,
+               # The epoch orders the images (the sampler) and seeds their augmentation (the dataset). Accelerate passes
+               # it on to the dataset only when it runs a single process: set both.
+               on_epoch=train_data.set_epoch)
     runtime = time.time() - start_time
 
     # The Hub-ready output folder: the best model (custom code, config, image processor), results, curves.
-    results = {
-        "model": args.model,
-        "skip": skip,
-        "num_parameters": num_parameters,
-        "best_step": best["step"],
-        "validation": {key: value for key, value in best.items() if key != "step"},
-        "steps": step,
-        "train_runtime_s": round(runtime, 1),
-        "history": history,
-        "args": vars(args) | {"hub_token": None},
-    }
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        for path in best_dir.iterdir():
-            if path.name != "validation_scores.json":
-                (output_dir / path.name).write_bytes(path.read_bytes())
-        write_json(output_dir / "results.json", results)
-        plot_curves({skip["skip_variant"]: history}, ["loss", "top1"], output_dir / "validation_curves.png")
-        if args.push_to_hub:
-            url = push_to_hub(output_dir, args.hub_model_id or output_dir.name, token=args.hub_token,
-                              ignore_patterns=IGNORED_BY_HUB)
-            accelerator.print(f"Pushed to {url}")
-    accelerator.print(f"Saved the best model (step {best['step']}, top-1 {best['top1']:.2f}%) and results.json "
-                      f"to {output_dir}")
+    results = {"model": args.model, "skip": skip,
+               **run_results(accelerator, model, state, args, runtime, command_line(__file__, argv))}
+    finish_output(accelerator, args, best_dir, results, curves=["loss", "top1"])
+    accelerator.print(f"Saved the best model (step {results['best_step']}, top-1 {results['validation']['top1']:.2f}%) "
+                      f"and results.json to {output_dir}")
     accelerator.end_training()
     return results
 

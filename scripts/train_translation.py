@@ -20,8 +20,6 @@ generation config) plus `results.json`; `checkpoints/` holds resumable training 
 """
 
 import argparse
-import contextlib
-import json
 import math
 import time
 from pathlib import Path
@@ -30,9 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DistributedType
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from datasets import Dataset, DatasetDict, load_dataset
-from datasets.exceptions import DatasetGenerationError
 from sacrebleu.metrics import BLEU, CHRF
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -41,19 +38,22 @@ from transformers import AutoTokenizer, DataCollatorForSeq2Seq, get_scheduler
 from rskip import SKIP_VARIANTS, RSkipMarianConfig, RSkipMarianMTModel, SkipOptions
 from rskip.tokenization import train_marian_tokenizer
 from training_common import (
+    BEST_MODEL,
+    RunState,
     TrainingError,
-    atomic_directory,
-    check_finite_loss,
+    add_output_arguments,
+    command_line,
+    create_accelerator,
     find_checkpoint,
-    grouped,
+    finish_output,
     init_tracking,
-    plot_curves,
-    push_to_hub,
-    read_run_state,
+    read_data_file,
+    resume,
     run_config,
     run_main,
-    save_checkpoint,
-    write_json,
+    run_results,
+    save_best_model,
+    train_loop,
 )
 
 # Marian-architecture Transformers: ReLU, scaled and shared embeddings, sinusoidal positions, post-LN sublayers
@@ -85,7 +85,6 @@ MAY_CHANGE_ON_RESUME = {
     "max_predict_samples",
     "with_tracking", "report_to", "push_to_hub", "hub_model_id", "hub_token", "preprocessing_num_workers",
 }
-IGNORED_BY_HUB = ["checkpoints/*", "best_model/*", "tokenizer/*", ".tmp-*", ".old-*"]
 
 
 def parse_args(argv=None):
@@ -168,20 +167,7 @@ def parse_args(argv=None):
     evaluation.add_argument("--bleu_tokenize", default="13a", choices=list(BLEU.TOKENIZERS),
                             help="sacreBLEU's tokenizer: 13a (its default), intl, char (for one-word outputs), zh...")
 
-    output = parser.add_argument_group("checkpoints and output")
-    output.add_argument("--output_dir", required=True)
-    output.add_argument("--checkpointing_steps",
-                        help="Save a resumable state every N updates, or 'epoch'; and at the end of training.")
-    output.add_argument("--checkpoints_total_limit", type=int, help="Keep only the newest N checkpoints.")
-    output.add_argument("--resume_from_checkpoint",
-                        help="A checkpoint folder, or 'latest' (the newest in --output_dir, if any).")
-
-    logging = parser.add_argument_group("logging and the Hub")
-    logging.add_argument("--with_tracking", action="store_true")
-    logging.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "trackio", "wandb", "all"])
-    logging.add_argument("--push_to_hub", action="store_true")
-    logging.add_argument("--hub_model_id", help="Defaults to the name of --output_dir.")
-    logging.add_argument("--hub_token")
+    add_output_arguments(parser)
 
     args = parser.parse_args(argv)
     if not (args.dataset_name or args.train_file):
@@ -266,9 +252,9 @@ def text_pairs(dataset: Dataset, source_lang: str, target_lang: str, where: str)
 def read_pairs(path: str, source_lang: str, target_lang: str) -> tuple[Dataset, str]:
     """A JSON lines file in the translation format, or parallel text files PATH.<lang>[.gz]."""
     if Path(path).name.split(".")[-1] in ("json", "jsonl") or path.endswith((".json.gz", ".jsonl.gz")):
-        return text_pairs(read_file("json", Path(path)), source_lang, target_lang, path)
+        return text_pairs(read_data_file("json", path), source_lang, target_lang, path)
     files = {lang: parallel_file(Path(path), lang) for lang in (source_lang, target_lang)}
-    source, target = (read_file("text", files[lang])["text"][:] for lang in (source_lang, target_lang))
+    source, target = (read_data_file("text", files[lang])["text"][:] for lang in (source_lang, target_lang))
     if len(source) != len(target):
         raise TrainingError(f"{files[source_lang]} has {len(source)} lines but {files[target_lang]} has "
                             f"{len(target)}: parallel files need one sentence per line, aligned")
@@ -287,16 +273,6 @@ def parallel_file(prefix: Path, lang: str) -> Path:
     raise TrainingError(f"no file {prefix}.{lang} or {prefix}.{lang}.gz for language {lang!r}; "
                         + (f"files with this prefix: {', '.join(found)} (languages: {', '.join(languages)})"
                            if found else "no file starts with this prefix"))
-
-
-def read_file(builder: str, path: Path) -> Dataset:
-    if not path.is_file():
-        raise TrainingError(f"{path}: no such file")
-    try:
-        return load_dataset(builder, data_files=str(path), split="train")
-    except (DatasetGenerationError, OSError, ValueError, EOFError) as error:
-        cause = error.__cause__ or error
-        raise TrainingError(f"cannot read {path}: {type(cause).__name__}: {cause}") from error
 
 
 def check_no_empty_pairs(pairs: Dataset, where: str, drop: bool) -> Dataset:
@@ -467,36 +443,15 @@ def describe(scores: dict) -> str:
             f"[{scores['bleu_signature']}] [{scores['chrf_signature']}]")
 
 
-def save_model_folder(accelerator, model, tokenizer, path: Path, files: dict[str, str]) -> None:
-    """A Hub-ready folder, written atomically: model + custom code + generation config, tokenizer, `files`."""
-    with atomic_directory(accelerator, path) as temporary:
-        state_dict = accelerator.get_state_dict(model)
-        accelerator.unwrap_model(model).save_pretrained(temporary, state_dict=state_dict,
-                                                        is_main_process=accelerator.is_main_process,
-                                                        save_function=accelerator.save)
-        if accelerator.is_main_process:
-            tokenizer.save_pretrained(temporary)
-            for name, text in files.items():
-                (temporary / name).write_text(text)
-
-
 # --------------------------------------------------------------------------------------------------- main
 
 def main(argv=None):
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        log_with=args.report_to if args.with_tracking else None,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        # The schedule counts optimizer updates, whatever the number of processes.
-        step_scheduler_with_optimizer=False,
-    )
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    config = run_config(args, MAY_CHANGE_ON_RESUME, num_processes=accelerator.num_processes)
+    accelerator = create_accelerator(args)
     checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint)
-    state = read_run_state(checkpoint, config) if checkpoint else {}
+    state = RunState.from_checkpoint(checkpoint, run_config(args, MAY_CHANGE_ON_RESUME,
+                                                            num_processes=accelerator.num_processes))
     set_seed(args.seed)
 
     # Data, tokenizer, model
@@ -544,20 +499,10 @@ def main(argv=None):
     if args.with_tracking:
         init_tracking(accelerator, "translation", vars(args))
 
-    # Resume: weights, optimizer, schedule and RNG from the checkpoint; the data position from run_state.json.
-    step, epoch, batches_done = state.get("step", 0), state.get("epoch", 0), state.get("batches_in_epoch", 0)
-    best, history = state.get("best"), state.get("history", [])
-    best_dir = output_dir / "best_model"
+    # Resume: weights, optimizer, schedule and RNG from the checkpoint; the data position is in `state`.
+    best_dir = output_dir / BEST_MODEL
     if checkpoint:
-        accelerator.load_state(str(checkpoint))
-        accelerator.print(f"Resumed from {checkpoint}: step {step}, epoch {epoch}, {batches_done} batches into it")
-        saved_best = best_dir / "validation_scores.json"
-        if best and (not saved_best.is_file() or json.loads(saved_best.read_text())["step"] != best["step"]):
-            accelerator.print(f"{best_dir} does not hold the checkpoint's best model (step {best['step']}): "
-                              f"the best is tracked anew from here")
-            best = None
-    if batches_done >= len(train_dataloader):
-        epoch, batches_done = epoch + 1, 0
+        resume(accelerator, checkpoint, state, best_dir)
 
     total_batch = (f"{args.max_tokens} tokens" if args.max_tokens else f"{args.per_device_train_batch_size} sentences")
     accelerator.print(
@@ -568,119 +513,46 @@ def main(argv=None):
     )
     references = {split: raw[split]["target"][:] for split in eval_dataloaders}
 
+    def batch_loss(model, batch):  # label-smoothed, summed over the target tokens
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       decoder_input_ids=batch["decoder_input_ids"], use_cache=False).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
+                               label_smoothing=args.label_smoothing, reduction="sum")
+
     def validate():
-        nonlocal best
         scores, predictions = evaluate(accelerator.unwrap_model(model), eval_dataloaders["validation"],
                                        references["validation"], tokenizer, accelerator, "validation",
                                        args.bleu_tokenize)
-        history.append({"step": step, "epoch": epoch, **{name: scores[name] for name in ("bleu", "chrf", "loss")}})
-        accelerator.log({f"validation/{name}": scores[name] for name in ("bleu", "chrf", "loss")}, step=step)
-        improved = best is None or (scores["bleu"], scores["chrf"]) > (best["bleu"], best["chrf"])
-        accelerator.print(f"step {step}: validation {describe(scores)}{' (best so far)' if improved else ''}")
+        state.history.append({"step": state.step, "epoch": state.epoch,
+                              **{name: scores[name] for name in ("bleu", "chrf", "loss")}})
+        accelerator.log({f"validation/{name}": scores[name] for name in ("bleu", "chrf", "loss")}, step=state.step)
+        improved = state.best is None or (scores["bleu"], scores["chrf"]) > (state.best["bleu"], state.best["chrf"])
+        accelerator.print(f"step {state.step}: validation {describe(scores)}{' (best so far)' if improved else ''}")
         if improved:
-            best = {"step": step, **scores}
-            save_model_folder(accelerator, model, tokenizer, best_dir, {
-                "predictions_validation.txt": "\n".join(predictions) + "\n",
-            })
-            if accelerator.is_main_process:
-                write_json(best_dir / "validation_scores.json", best)
-
-    def checkpoint_now():
-        save_checkpoint(
-            accelerator, output_dir,
-            {"step": step, "epoch": epoch, "batches_in_epoch": batches_done, "best": best, "history": history,
-             "config": config},
-            keep_last=args.checkpoints_total_limit,
-            save_extra=lambda folder: tokenizer.save_pretrained(folder / "tokenizer"),
-        )
+            state.best = {"step": state.step, **scores}
+            save_best_model(accelerator, model, best_dir, state.best, tokenizer,
+                            {"predictions_validation.txt": "\n".join(predictions) + "\n"})
 
     # Training
-    model.train()
     start_time = time.time()
-    progress = tqdm(total=max_train_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process)
-    while step < max_train_steps:
-        # Accelerate passes the epoch on to an unwrapped batch sampler only: set both.
-        batch_sampler.set_epoch(epoch)
-        train_dataloader.set_epoch(epoch)
-        epoch_dataloader = (accelerator.skip_first_batches(train_dataloader, batches_done) if batches_done
-                            else train_dataloader)
-        for micro_batches in grouped(epoch_dataloader, args.gradient_accumulation_steps):
-            # The loss is the mean over all target tokens of the update, on every process (Accelerate's recipe
-            # for variable-size batches): each process divides its summed loss by the global token count, and the
-            # factor num_processes undoes the averaging of gradients across processes.
-            num_tokens = accelerator.reduce(sum((batch["labels"] != -100).sum() for batch in micro_batches), "sum")
-            loss_sum = torch.zeros((), device=accelerator.device)
-            for index, batch in enumerate(micro_batches):
-                last = index == len(micro_batches) - 1
-                with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   decoder_input_ids=batch["decoder_input_ids"], use_cache=False).logits
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
-                                           label_smoothing=args.label_smoothing, reduction="sum")
-                    accelerator.backward(loss * accelerator.num_processes / num_tokens)
-                loss_sum += loss.detach()
-            train_loss = (accelerator.reduce(loss_sum, "sum") / num_tokens).item()
-            check_finite_loss(train_loss, step + 1, output_dir)
-            grad_norm = (accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm) if args.max_grad_norm
-                         else None)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad()
-            step += 1
-            batches_done += len(micro_batches)
-            progress.update(1)
-            progress.set_postfix(loss=f"{train_loss:.3f}", epoch=epoch)
-            accelerator.log({"train/loss": train_loss, "train/learning_rate": lr_scheduler.get_last_lr()[0],
-                             "train/tokens": num_tokens.item(), "train/epoch": epoch,
-                             **({"train/grad_norm": grad_norm.item()} if grad_norm is not None else {})}, step=step)
-            done = step >= max_train_steps
-            if step % args.eval_steps == 0 or done:
-                validate()
-            if args.checkpointing_steps and (done or (args.checkpointing_steps.isdigit()
-                                                      and step % int(args.checkpointing_steps) == 0)):
-                checkpoint_now()
-            if done:
-                break
-        else:
-            epoch, batches_done = epoch + 1, 0
-            if args.checkpointing_steps == "epoch" and step < max_train_steps:
-                checkpoint_now()
-    progress.close()
-    if not history or history[-1]["step"] != step:  # resumed from the last checkpoint of a finished run
-        validate()
+    train_loop(accelerator, model, optimizer, lr_scheduler, train_dataloader, state, args, max_train_steps,
+               batch_loss=batch_loss, count_name="tokens", validate=validate,
+               # Accelerate passes the epoch on to an unwrapped batch sampler only: set both.
+               on_epoch=batch_sampler.set_epoch,
+               checkpoint_extra=lambda folder: tokenizer.save_pretrained(folder / "tokenizer"))
     runtime = time.time() - start_time
 
     # Test with the best model, and the Hub-ready output folder: best model, tokenizer, results, curves.
     best_model = RSkipMarianMTModel.from_pretrained(best_dir).to(accelerator.device)
-    results = {
-        "skip": skip,
-        "best_step": best["step"],
-        "validation": {key: value for key, value in best.items() if key != "step"},
-        "steps": step,
-        "train_runtime_s": round(runtime, 1),
-        "history": history,
-        "args": vars(args) | {"hub_token": None},
-    }
-    files = {}
+    results = {"skip": skip, **run_results(accelerator, model, state, args, runtime, command_line(__file__, argv))}
     if "test" in eval_dataloaders:
         results["test"], predictions = evaluate(best_model, eval_dataloaders["test"], references["test"], tokenizer,
                                                 accelerator, "test", args.bleu_tokenize)
-        accelerator.print(f"test (best model, step {best['step']}): {describe(results['test'])}")
-        files["predictions_test.txt"] = "\n".join(predictions) + "\n"
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        for path in best_dir.iterdir():
-            if path.name != "validation_scores.json":
-                (output_dir / path.name).write_bytes(path.read_bytes())
-        for name, text in files.items():
-            (output_dir / name).write_text(text)
-        write_json(output_dir / "results.json", results)
-        plot_curves({skip["skip_variant"]: history}, ["loss", "bleu"], output_dir / "validation_curves.png")
-        if args.push_to_hub:
-            url = push_to_hub(output_dir, args.hub_model_id or output_dir.name, token=args.hub_token,
-                              ignore_patterns=IGNORED_BY_HUB)
-            accelerator.print(f"Pushed to {url}")
-    accelerator.print(f"Saved the best model (step {best['step']}) and results.json to {output_dir}")
+        accelerator.print(f"test (best model, step {results['best_step']}): {describe(results['test'])}")
+        if accelerator.is_main_process:
+            (output_dir / "predictions_test.txt").write_text("\n".join(predictions) + "\n")
+    finish_output(accelerator, args, best_dir, results, curves=["loss", "bleu"], ignore_patterns=("tokenizer/*",))
+    accelerator.print(f"Saved the best model (step {results['best_step']}) and results.json to {output_dir}")
     accelerator.end_training()
     return results
 

@@ -16,11 +16,9 @@ RSkipResNetForImageClassification sets `accepts_loss_kwargs = False`, so the Tra
 gradient-accumulation steps.
 """
 
-import sys
-
 import numpy as np
 from timm.optim import create_optimizer_v2
-from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from train_image_classification import (
     ImageClassificationDataset,
@@ -29,7 +27,7 @@ from train_image_classification import (
     load_raw_datasets,
     parse_args,
 )
-from training_common import run_main
+from training_common import parse_trainer_args, run_main
 
 
 def compute_metrics(prediction):
@@ -37,9 +35,7 @@ def compute_metrics(prediction):
 
 
 def main(argv=None):
-    training_args, rest = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
-        args=sys.argv[1:] if argv is None else argv, return_remaining_strings=True)
-    args = parse_args([*rest, "--output_dir", training_args.output_dir, "--seed", str(training_args.seed)])
+    training_args, args = parse_trainer_args(TrainingArguments, parse_args, argv)
 
     with training_args.main_process_first():
         raw = load_raw_datasets(args)

@@ -17,20 +17,16 @@ gradient-accumulation steps. RSkipMarianMTModel sets `accepts_loss_kwargs = Fals
 division (Marian's loss ignores the `num_items_in_batch` the Trainer would otherwise rely on).
 """
 
-import sys
-
 import numpy as np
 from sacrebleu.metrics import BLEU, CHRF
-from transformers import DataCollatorForSeq2Seq, HfArgumentParser, Seq2SeqTrainer, Seq2SeqTrainingArguments
+from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
 from train_translation import build_model, load_raw_datasets, load_tokenizer, parse_args, tokenize
-from training_common import run_main
+from training_common import parse_trainer_args, run_main
 
 
 def main(argv=None):
-    training_args, rest = HfArgumentParser(Seq2SeqTrainingArguments).parse_args_into_dataclasses(
-        args=sys.argv[1:] if argv is None else argv, return_remaining_strings=True)
-    args = parse_args([*rest, "--output_dir", training_args.output_dir, "--seed", str(training_args.seed)])
+    training_args, args = parse_trainer_args(Seq2SeqTrainingArguments, parse_args, argv)
 
     with training_args.main_process_first():
         raw = load_raw_datasets(args)

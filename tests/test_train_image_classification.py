@@ -326,7 +326,7 @@ def test_a_stopped_and_resumed_run_ends_with_the_same_weights(tmp_path, cifar_pa
     def stop_at_update_6(loss, step, output_dir):
         if step == 6:
             raise KeyboardInterrupt
-    with mock.patch.object(train, "check_finite_loss", stop_at_update_6), pytest.raises(KeyboardInterrupt):
+    with mock.patch("training_common.check_finite_loss", stop_at_update_6), pytest.raises(KeyboardInterrupt):
         train.main(tiny_args(cifar_parquet, tmp_path / "b", *common))
     assert [path.name for path in list_checkpoints(tmp_path / "b")] == ["step_4"]
     train.main([*tiny_args(cifar_parquet, tmp_path / "b", *common), "--resume_from_checkpoint", "latest"])

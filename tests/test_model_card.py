@@ -1,0 +1,85 @@
+"""Model cards: every training run's output folder gets one, filled from its own results, with the command."""
+
+import json
+
+import pytest
+import train_image_classification
+import train_translation
+from huggingface_hub import ModelCard
+
+import model_card
+from image_helpers import cifar_parquet, one_torch_thread, tiny_args as image_args  # noqa: F401
+from translation_helpers import tiny_args as translation_args
+from translation_helpers import write_pairs
+
+
+@pytest.fixture(scope="module")
+def translation_runs(tmp_path_factory, multi30k_dir, marian_tokenizer):
+    """Two tiny runs of the same command, post_ln and rskip_ln, with a test split."""
+    data = write_pairs(tmp_path_factory.mktemp("pairs"), multi30k_dir)
+    runs = {}
+    for variant in ("post_ln", "rskip_ln"):
+        output_dir = tmp_path_factory.mktemp("runs") / f"m30k-{variant}"
+        train_translation.main(translation_args(data, output_dir, marian_tokenizer.name_or_path,
+                                                "--test_file", data / "test", "--skip_variant", variant))
+        runs[variant] = output_dir
+    return runs
+
+
+def results_of(folder):
+    return json.loads((folder / "results.json").read_text())
+
+
+def test_a_translation_run_writes_its_card(translation_runs):
+    folder = translation_runs["rskip_ln"]
+    results = results_of(folder)
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.pipeline_tag == "translation" and card.data.library_name == "transformers"
+    assert card.data.language == ["en", "de"]
+    assert {"rskip", "custom_code", "rskip_ln"} <= set(card.data.tags)
+    scores = {(result.dataset_split, result.metric_type): (result.metric_value, result.metric_config)
+              for result in card.data.eval_results}
+    for split in ("validation", "test"):
+        for metric in ("bleu", "chrf"):
+            assert scores[(split, metric)] == (results[split][metric], results[split][f"{metric}_signature"])
+    assert f"python {results['command']}" in card.text
+    assert results["command"].startswith(train_translation.__file__) and "--skip_variant rskip_ln" in results["command"]
+    assert "rSkip+LN) with K = 2" in card.text and "LN_k(x + y_{k-1})" in card.text
+    assert 'pipeline("translation", model="m30k-rskip_ln", trust_remote_code=True)' in card.text
+    assert results["validation"]["bleu_signature"] in card.text
+    assert results["hardware"] in card.text and "CPU cores" in results["hardware"]
+
+
+def test_a_card_compares_against_a_baseline_run(translation_runs):
+    path = model_card.write_model_card(translation_runs["rskip_ln"], repo_id="someone/m30k-rskip",
+                                       baseline=translation_runs["post_ln"])
+    text = path.read_text()
+    baseline, ours = results_of(translation_runs["post_ln"]), results_of(translation_runs["rskip_ln"])
+    assert "### Against the post_ln baseline" in text
+    assert (f"| someone/m30k-rskip (rskip_ln) | {ours['validation']['bleu']} | {ours['validation']['chrf']} | "
+            f"{ours['test']['bleu']} | {ours['test']['chrf']} |") in text
+    assert (f"| baseline (post_ln) | {baseline['validation']['bleu']} | {baseline['validation']['chrf']} | "
+            f"{baseline['test']['bleu']} | {baseline['test']['chrf']} |") in text
+    assert ModelCard.load(path).data.model_name == "someone/m30k-rskip"
+
+
+def test_an_image_run_writes_its_card(tmp_path, cifar_parquet):  # noqa: F811
+    output_dir = tmp_path / "c10-rskip"
+    train_image_classification.main(image_args(cifar_parquet, output_dir, "--skip_variant", "xskip_ln",
+                                               "--skip_scale", "2.0"))
+    results = results_of(output_dir)
+    card = ModelCard.load(output_dir / "README.md")
+    assert card.data.pipeline_tag == "image-classification" and "timm" in card.data.tags
+    [result] = card.data.eval_results
+    assert (result.metric_type, result.metric_value) == ("accuracy", results["validation"]["top1"])
+    assert "with λ = 2.0" in card.text and "LN(λ·x + F(x))" in card.text
+    assert "`preact_resnet20` image classifier" in card.text and "10 classes" in card.text
+    assert f"python {results['command']}" in card.text
+
+
+def test_a_folder_that_is_not_a_run_is_refused(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="has no results.json or config.json"):
+        model_card.write_model_card(tmp_path)
+    with pytest.raises(SystemExit):
+        model_card.main([str(tmp_path)])
+    assert "is not a finished training run's output folder" in capsys.readouterr().err
