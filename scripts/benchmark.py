@@ -3,7 +3,8 @@
     python scripts/benchmark.py --family marian --d_model 256 --layers 3 --batch_size 32 --seq_len 32
     python scripts/benchmark.py --family resnet --image_model resnet50 --batch_size 8 --image_size 64
 
-For each model: one training step (forward + backward) timed with `torch.utils.benchmark`, the
+For each model: one training step (forward + backward) timed with `torch.utils.benchmark` (the median of
+several rounds that visit every model in turn), the
 activation memory kept for the backward pass (bytes of the tensors autograd saves, counted once per
 storage; device-independent), peak CUDA memory when on a GPU, and the parameter count. Writes
 `benchmark.json`, `benchmark.csv` and `benchmark.png` to `--output_dir`.
@@ -12,6 +13,7 @@ storage; device-independent), peak CUDA memory when on a GPU, and the parameter 
 import argparse
 import csv
 import json
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -61,7 +63,8 @@ def saved_activation_bytes(step) -> int:
     return sum(storages.values())
 
 
-def measure(name: str, model: torch.nn.Module, make_loss, args) -> dict:
+def profile(name: str, model: torch.nn.Module, make_loss, args) -> tuple[dict, callable]:
+    """The model's parameter count and memory, and its training step for timing."""
     model.to(args.device).train()
 
     def step():
@@ -72,21 +75,28 @@ def measure(name: str, model: torch.nn.Module, make_loss, args) -> dict:
         step().backward()
 
     train_step()  # warm-up
+    result = {"model": name, "parameters": sum(p.numel() for p in model.parameters())}
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    timer = torch_benchmark.Timer(stmt="train_step()", globals={"train_step": train_step}, num_threads=args.threads)
-    seconds = timer.blocked_autorange(min_run_time=args.min_run_time).median
-    result = {
-        "model": name,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "step_seconds": seconds,
-        "activation_bytes": saved_activation_bytes(step),
-    }
-    if args.device.startswith("cuda"):
+        train_step()
         result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
-    print(f"  {name}: {seconds * 1e3:.1f} ms/step", flush=True)
-    return result
+    result["activation_bytes"] = saved_activation_bytes(step)
+    return result, train_step
+
+
+def time_steps(results: list[dict], train_steps: list, args) -> None:
+    """Median step time of each model over `--rounds` rounds that visit every model in turn, so that a machine
+    slowing down or speeding up during the run affects all models alike."""
+    rounds = [[] for _ in results]
+    for round_index in range(args.rounds):
+        for times, train_step in zip(rounds, train_steps):
+            timer = torch_benchmark.Timer(stmt="train_step()", globals={"train_step": train_step},
+                                          num_threads=args.threads)
+            times.append(timer.blocked_autorange(min_run_time=args.min_run_time).median)
+        print(f"  round {round_index + 1}/{args.rounds}", flush=True)
+    for result, times in zip(results, rounds):
+        result["step_seconds"] = statistics.median(times)
 
 
 def marian_models(args):
@@ -141,7 +151,8 @@ def main(argv=None):
     parser.add_argument("--output_dir", default="runs/benchmark")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--min_run_time", type=float, default=2.0, help="seconds of timing per model")
+    parser.add_argument("--min_run_time", type=float, default=1.0, help="seconds of timing per model and round")
+    parser.add_argument("--rounds", type=int, default=5, help="timing rounds; each model's median is reported")
     parser.add_argument("--batch_size", type=int, default=16)
     group = parser.add_argument_group("marian")
     group.add_argument("--vocab_size", type=int, default=8000)
@@ -161,7 +172,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     print(f"benchmark: {args.family} on {args.device}, {args.threads} threads", flush=True)
     models = marian_models(args) if args.family == "marian" else resnet_models(args)
-    results = [measure(name, model, make_loss, args) for name, model, make_loss in models]
+    results, train_steps = zip(*(profile(name, model, make_loss, args) for name, model, make_loss in models))
+    time_steps(results, train_steps, args)
     stock = results[0]
     for result in results:
         result["time_ratio"] = result["step_seconds"] / stock["step_seconds"]
@@ -183,7 +195,7 @@ def main(argv=None):
         writer.writerows(results)
     plot(results, output_dir / "benchmark.png", f"{args.family} on {args.device}, batch {args.batch_size}")
     print(f"\nwrote {output_dir}/benchmark.{{json,csv,png}}")
-    return results
+    return list(results)
 
 
 if __name__ == "__main__":

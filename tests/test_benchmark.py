@@ -25,7 +25,7 @@ def by_model(results, name):
 
 def test_marian_benchmark_ratios_against_stock(tmp_path):
     results = benchmark.main(["--family", "marian", "--d_model", "16", "--heads", "2", "--layers", "2",
-                              "--vocab_size", "50", "--batch_size", "2", "--seq_len", "6", "--min_run_time", "0.01", "--threads", "1",
+                              "--vocab_size", "50", "--batch_size", "2", "--seq_len", "6", "--min_run_time", "0.01", "--rounds", "1", "--threads", "1",
                               "--output_dir", str(tmp_path)])
     assert results[0]["model"] == "MarianMTModel (stock)" and results[0]["time_ratio"] == 1.0
     # post_ln is Marian: the same parameters and the same tensors saved for backward
@@ -43,7 +43,7 @@ def test_marian_benchmark_ratios_against_stock(tmp_path):
 
 def test_resnet_benchmark_plain_costs_what_timm_costs(tmp_path):
     results = benchmark.main(["--family", "resnet", "--image_model", "resnet18", "--batch_size", "2",
-                              "--image_size", "32", "--min_run_time", "0.01", "--threads", "1", "--output_dir", str(tmp_path)])
+                              "--image_size", "32", "--min_run_time", "0.01", "--rounds", "1", "--threads", "1", "--output_dir", str(tmp_path)])
     assert results[0]["model"] == "timm resnet18 (stock)"
     plain = by_model(results, "rskip_resnet18 variant=plain")
     assert plain["activation_ratio"] == 1.0 and plain["parameters"] == results[0]["parameters"]

@@ -1,4 +1,5 @@
-"""Model cards: every training run's output folder gets one, filled from its own results, with the command."""
+"""Reports on finished runs: the model card every run's output folder gets, filled from its own results with the
+command, and the comparison of several runs (table and curves)."""
 
 import json
 
@@ -7,6 +8,7 @@ import train_image_classification
 import train_translation
 from huggingface_hub import ModelCard
 
+import compare_runs
 import model_card
 from image_helpers import cifar_parquet, one_torch_thread, tiny_args as image_args  # noqa: F401
 from translation_helpers import tiny_args as translation_args
@@ -83,3 +85,25 @@ def test_a_folder_that_is_not_a_run_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         model_card.main([str(tmp_path)])
     assert "is not a finished training run's output folder" in capsys.readouterr().err
+
+
+def test_compare_runs_prints_a_table_and_plots_the_curves(translation_runs, tmp_path, capsys):
+    png = tmp_path / "comparison.png"
+    compare_runs.main([str(translation_runs["post_ln"]), str(translation_runs["rskip_ln"]), "--output", str(png)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["run", "best", "step", "valid", "loss", "valid", "bleu", "valid", "chrf",
+                                "test", "bleu", "test", "chrf", "train", "min"]
+    for line, variant in zip(lines[1:3], ("post_ln", "rskip_ln K=2")):
+        results = results_of(translation_runs[variant.split()[0]])
+        assert line.startswith(f"{variant} (m30k-{variant.split()[0]})")
+        assert line.split()[-6:-1] == [f"{value:.2f}" for value in (
+            results["validation"]["loss"], results["validation"]["bleu"], results["validation"]["chrf"],
+            results["test"]["bleu"], results["test"]["chrf"])]
+    assert lines[3].startswith("BLEU nrefs:1|")
+    assert png.stat().st_size > 0
+
+
+def test_compare_runs_refuses_a_folder_without_results(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        compare_runs.main([str(tmp_path)])
+    assert "has no results.json" in capsys.readouterr().err
