@@ -65,12 +65,17 @@ class RSkipResNetPreTrainedModel(PreTrainedModel):
     def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs):
         self.timm_model.set_grad_checkpointing(enable)
 
-    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+    def _features(self, pixel_values: torch.Tensor, output_hidden_states: bool | None):
+        """The network's unpooled features and, with `output_hidden_states`, the stem's and stages' outputs."""
         if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.in_chans:
             raise ValueError(
                 f"pixel_values has shape {tuple(pixel_values.shape)}; expected (batch, {self.config.in_chans}, height, "
                 f"width) for config.in_chans={self.config.in_chans}"
             )
+        if output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states:
+            last_hidden_state, hidden_states = self.timm_model.forward_intermediates(pixel_values)
+            return last_hidden_state, tuple(hidden_states)
+        return self.timm_model.forward_features(pixel_values), None
 
     def create_image_processor(self) -> BitImageProcessor:
         """timm's evaluation preprocessing for this model (resize the shorter side to size / crop_pct, center crop,
@@ -171,20 +176,10 @@ class RSkipResNetModel(RSkipResNetPreTrainedModel):
             output_hidden_states: bool | None = None,
             return_dict: bool | None = None,
     ) -> BaseModelOutputWithPoolingAndNoAttention | tuple[torch.Tensor, ...]:
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        self._check_pixel_values(pixel_values)
-
-        if output_hidden_states:
-            last_hidden_state, hidden_states = self.timm_model.forward_intermediates(pixel_values)
-            hidden_states = tuple(hidden_states)
-        else:
-            last_hidden_state, hidden_states = self.timm_model.forward_features(pixel_values), None
+        last_hidden_state, hidden_states = self._features(pixel_values, output_hidden_states)
         pooler_output = self.timm_model.forward_head(last_hidden_state, pre_logits=True)
 
-        if not return_dict:
+        if not (return_dict if return_dict is not None else self.config.return_dict):
             return tuple(value for value in (last_hidden_state, pooler_output, hidden_states) if value is not None)
         return BaseModelOutputWithPoolingAndNoAttention(
             last_hidden_state=last_hidden_state, pooler_output=pooler_output, hidden_states=hidden_states,
@@ -211,21 +206,11 @@ class RSkipResNetForImageClassification(RSkipResNetPreTrainedModel):
             output_hidden_states: bool | None = None,
             return_dict: bool | None = None,
     ) -> ImageClassifierOutputWithNoAttention | tuple[torch.Tensor, ...]:
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        self._check_pixel_values(pixel_values)
-
-        if output_hidden_states:
-            last_hidden_state, hidden_states = self.timm_model.forward_intermediates(pixel_values)
-            logits, hidden_states = self.timm_model.forward_head(last_hidden_state), tuple(hidden_states)
-        else:
-            logits, hidden_states = self.timm_model(pixel_values), None
-
+        last_hidden_state, hidden_states = self._features(pixel_values, output_hidden_states)
+        logits = self.timm_model.forward_head(last_hidden_state)
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None
 
-        if not return_dict:
+        if not (return_dict if return_dict is not None else self.config.return_dict):
             return tuple(value for value in (loss, logits, hidden_states) if value is not None)
         return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=hidden_states)
 
