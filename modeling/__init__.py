@@ -18,10 +18,10 @@ from .configuration_rskip_resnet import RSkipResNetConfig
 from .modeling_rskip_marian import RSkipMarianModel, RSkipMarianMTModel, RSkipMarianPreTrainedModel
 from .modeling_rskip_resnet import RSkipResNetForImageClassification, RSkipResNetModel, RSkipResNetPreTrainedModel
 from .pipeline_translation import TranslationPipeline
-from .residual import SKIP_VARIANTS, SkipOptions, create_skip
+from .residual import create_skip
+from .skip_options import SKIP_VARIANTS, ConfigFieldError, ResNetSkipOptions, SkipOptions
 from .timm_resnets import (
     CifarPreActResNet,
-    ResNetSkipOptions,
     RSkipBasicBlock,
     RSkipBottleneck,
     RSkipPreActBasic,
@@ -32,6 +32,7 @@ from .timm_resnets import (
 __all__ = [
     "SKIP_VARIANTS",
     "SkipOptions",
+    "ConfigFieldError",
     "create_skip",
     # translation
     "RSkipMarianConfig",

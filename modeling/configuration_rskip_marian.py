@@ -5,7 +5,7 @@ import copy
 from transformers import MarianConfig
 
 from .pipeline_translation import TranslationPipeline
-from .residual import SkipOptions
+from .skip_options import SkipOptions, with_skip_docs
 
 # Saved with every config so that `pipeline("translation", model=folder, trust_remote_code=True)` works:
 # transformers 5 has no translation pipeline of its own.
@@ -18,29 +18,20 @@ TRANSLATION_PIPELINE = {
 }
 
 
-class RSkipMarianConfig(MarianConfig):
+@with_skip_docs(SkipOptions)
+class RSkipMarianConfig(MarianConfig, SkipOptions.config_fields()):
     r"""
     A [`MarianConfig`] with the residual connection of every sublayer chosen from the family of
     Liu et al. (COLING 2020). All Marian fields keep their meaning and defaults.
 
-    skip_variant (`str`, *optional*, defaults to `"rskip_ln"`):
-        One of `plain`, `post_ln`, `pre_ln`, `xskip`, `xskip_ln`, `rskip_ln`, `xskip_bn`, `rskip_bn`.
-        `post_ln` is stock Marian.
-    skip_scale (`float`, *optional*, defaults to 1.0):
-        λ of the `xskip*` variants, multiplying the sublayer input before the add; must be > 0.
-    skip_recursions (`int`, *optional*, defaults to 2):
-        K of the `rskip*` variants: y_k = LN_k(x + y_{k-1}), k = 1..K. K = 1 is `post_ln`.
-    skip_share_norm (`bool`, *optional*, defaults to `False`):
-        `rskip*` only: one norm for all K steps instead of one per step.
-    skip_learnable_scale (`bool`, *optional*, defaults to `False`):
-        `xskip*` only: learn λ (one scalar per sublayer, initialised at `skip_scale`).
+    {skip_options}
     pad_token_id (`int`, *optional*, defaults to `vocab_size - 1`):
         Marian's convention (58100 with Marian's default vocabulary).
     decoder_start_token_id (`int`, *optional*, defaults to `pad_token_id`):
         Marian starts decoding with the pad token.
 
-    An option the chosen variant does not use must keep its default; otherwise a `ValueError`
-    says which option is set and which variants use it.
+    An option the chosen variant does not use must keep its default. A bad value raises
+    `ConfigFieldError` (a `ValueError` whose `field`, `value` and `allowed` say what is wrong).
 
     Example:
 
@@ -52,11 +43,6 @@ class RSkipMarianConfig(MarianConfig):
     ```"""
 
     model_type = "rskip_marian"
-    skip_variant: str = "rskip_ln"
-    skip_scale: float = 1.0
-    skip_recursions: int = 2
-    skip_share_norm: bool = False
-    skip_learnable_scale: bool = False
 
     def __post_init__(self, **kwargs):
         self.skip_options()

@@ -2,31 +2,25 @@
 
 from transformers import PreTrainedConfig
 
-from .timm_resnets import BACKBONES, ResNetSkipOptions
+from .skip_options import ConfigFieldError, ResNetSkipOptions, with_skip_docs
+
+# The timm models of `timm_resnets`: CIFAR pre-activation ResNets, and timm's ImageNet ResNets with the skip options.
+CIFAR_BACKBONES = ("preact_resnet20", "preact_resnet56", "preact_resnet110", "preact_resnet164")
+IMAGENET_BACKBONES = ("rskip_resnet18", "rskip_resnet34", "rskip_resnet50", "rskip_resnet101", "rskip_resnet152")
+BACKBONES = CIFAR_BACKBONES + IMAGENET_BACKBONES
 
 
-class RSkipResNetConfig(PreTrainedConfig):
+@with_skip_docs(ResNetSkipOptions)
+class RSkipResNetConfig(PreTrainedConfig, ResNetSkipOptions.config_fields()):
     r"""
     Configuration of a timm ResNet whose blocks join shortcut and branch with the residual family of Liu et al.
-    (COLING 2020). `num_labels` (from [`PreTrainedConfig`]) sizes the classifier.
+    (COLING 2020). `num_labels` (from [`PreTrainedConfig`]) sizes the classifier. In a block, x of the equations
+    below is the block's shortcut (the identity or its projection); `plain` is the stock ResNet.
 
     backbone (`str`, *optional*, defaults to `"preact_resnet110"`):
         The timm model: `preact_resnet20`, `preact_resnet56`, `preact_resnet110`, `preact_resnet164` (CIFAR,
         32×32 inputs) or `rskip_resnet18`, `rskip_resnet34`, `rskip_resnet50`, `rskip_resnet101`, `rskip_resnet152`.
-    skip_variant (`str`, *optional*, defaults to `"rskip_ln"`):
-        One of `plain`, `post_ln`, `pre_ln`, `xskip`, `xskip_ln`, `rskip_ln`, `xskip_bn`, `rskip_bn`.
-        `plain` is the stock ResNet.
-    skip_scale (`float`, *optional*, defaults to 1.0):
-        λ of the `xskip*` variants, multiplying the block's shortcut before the add; must be > 0.
-    skip_recursions (`int`, *optional*, defaults to 2):
-        K of the `rskip*` variants: y_k = LN_k(s + y_{k-1}), k = 1..K. K = 1 is `post_ln`.
-    skip_share_norm (`bool`, *optional*, defaults to `False`):
-        `rskip*` only: one norm for all K steps instead of one per step.
-    skip_learnable_scale (`bool`, *optional*, defaults to `False`):
-        `xskip*` only: learn λ (one scalar per block, initialised at `skip_scale`).
-    skip_norm_dims (`str`, *optional*, defaults to `"chw"`):
-        LN variants only: normalise each sample over (C, H, W) with a per-channel affine (`"chw"`) or each
-        position over C (`"c"`).
+    {skip_options}
     in_chans (`int`, *optional*, defaults to 3):
         Number of image channels.
     drop_rate (`float`, *optional*, defaults to 0.0):
@@ -34,8 +28,8 @@ class RSkipResNetConfig(PreTrainedConfig):
     drop_path_rate (`float`, *optional*, defaults to 0.0):
         Stochastic depth rate, rising linearly over the blocks.
 
-    An option the chosen variant does not use must keep its default; otherwise a `ValueError` says which option is
-    set and which variants use it.
+    An option the chosen variant does not use must keep its default. A bad value raises `ConfigFieldError` (a
+    `ValueError` whose `field`, `value` and `allowed` say what is wrong).
 
     Example:
 
@@ -49,21 +43,16 @@ class RSkipResNetConfig(PreTrainedConfig):
     model_type = "rskip_resnet"
 
     backbone: str = "preact_resnet110"
-    skip_variant: str = "rskip_ln"
-    skip_scale: float | int = 1.0
-    skip_recursions: int = 2
-    skip_share_norm: bool = False
-    skip_learnable_scale: bool = False
-    skip_norm_dims: str = "chw"
     in_chans: int = 3
     drop_rate: float | int = 0.0
     drop_path_rate: float | int = 0.0
 
     def __post_init__(self, **kwargs):
         if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone={self.backbone!r} is not an rskip timm model; allowed: {', '.join(BACKBONES)}")
+            raise ConfigFieldError("backbone", self.backbone, ", ".join(BACKBONES), "is not an rskip timm model")
         if isinstance(self.in_chans, bool) or not isinstance(self.in_chans, int) or self.in_chans < 1:
-            raise ValueError(f"in_chans={self.in_chans!r} must be an integer >= 1 (the number of image channels)")
+            raise ConfigFieldError("in_chans", self.in_chans, "an integer >= 1 (the number of image channels)",
+                                   "is not a channel count")
         self.skip_options()
         super().__post_init__(**kwargs)
 

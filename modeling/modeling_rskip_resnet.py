@@ -18,16 +18,15 @@ from transformers import initialization as init
 from transformers.image_utils import PILImageResampling
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttention, ImageClassifierOutputWithNoAttention
 
-from . import timm_resnets
-from .configuration_rskip_resnet import RSkipResNetConfig
+from .configuration_rskip_resnet import BACKBONES, RSkipResNetConfig
+from .timm_resnets import create_backbone, rskip_architecture
 
 _RESAMPLING = {"bilinear": PILImageResampling.BILINEAR, "bicubic": PILImageResampling.BICUBIC}
 
 
 def _create_timm_model(config: RSkipResNetConfig, num_classes: int) -> nn.Module:
-    # This file's own entrypoint (`backbone` is validated), not timm's registry, which may hold another copy's.
-    create = getattr(timm_resnets, config.backbone)
-    return create(
+    return create_backbone(
+        config.backbone,
         num_classes=num_classes,
         in_chans=config.in_chans,
         drop_rate=config.drop_rate,
@@ -119,7 +118,7 @@ class RSkipResNetPreTrainedModel(PreTrainedModel):
             config_kwargs = {**_config_kwargs_of(source), **config_kwargs}
         if "backbone" not in config_kwargs:
             raise ValueError(
-                f"backbone=None: name the timm model of the state dict; allowed: {', '.join(timm_resnets.BACKBONES)}"
+                f"backbone=None: name the timm model of the state dict; allowed: {', '.join(BACKBONES)}"
             )
         model = cls(RSkipResNetConfig(**config_kwargs))
         model._load_timm_state_dict(state_dict, ignore_mismatched_sizes)
@@ -159,7 +158,7 @@ def _config_kwargs_of(timm_model: nn.Module) -> dict:
     kwargs = {key: value for key, value in model_args.items() if key in config_fields}
     if timm_model.num_classes:
         kwargs["num_labels"] = timm_model.num_classes
-    return dict(kwargs, backbone=timm_resnets.rskip_architecture(timm_model.pretrained_cfg["architecture"]))
+    return dict(kwargs, backbone=rskip_architecture(timm_model.pretrained_cfg["architecture"]))
 
 
 class RSkipResNetModel(RSkipResNetPreTrainedModel):

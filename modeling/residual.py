@@ -23,73 +23,12 @@ host can put it where its post-add norm used to be and stock checkpoints load by
 recursion steps use ``recursion_norms``.
 """
 
-import math
-from dataclasses import asdict, dataclass
 from functools import cache
 
 import torch
 from torch import nn
 
-SKIP_VARIANTS = ("plain", "post_ln", "pre_ln", "xskip", "xskip_ln", "rskip_ln", "xskip_bn", "rskip_bn")
-SCALED_VARIANTS = ("xskip", "xskip_ln", "xskip_bn")
-RECURSIVE_VARIANTS = ("rskip_ln", "rskip_bn")
-# The options a variant reads; any other option must keep its default.
-_OPTION_USERS = {
-    "skip_scale": SCALED_VARIANTS,
-    "skip_learnable_scale": SCALED_VARIANTS,
-    "skip_recursions": RECURSIVE_VARIANTS,
-    "skip_share_norm": RECURSIVE_VARIANTS,
-}
-
-
-@dataclass(frozen=True)
-class SkipOptions:
-    """The ``skip_*`` options shared by every model of this package, validated on creation.
-
-    An option the chosen variant does not read must keep its default value: a non-default value
-    there is a mistake (say, ``skip_recursions=3`` with ``post_ln``) and raises ``ValueError``.
-    """
-
-    skip_variant: str = "rskip_ln"
-    skip_scale: float = 1.0
-    skip_recursions: int = 2
-    skip_share_norm: bool = False
-    skip_learnable_scale: bool = False
-
-    def __post_init__(self):
-        if self.skip_variant not in SKIP_VARIANTS:
-            raise ValueError(f"skip_variant={self.skip_variant!r} is not a known variant; allowed: {', '.join(SKIP_VARIANTS)}")
-        scale = self.skip_scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise ValueError(f"skip_scale={scale!r} must be a finite number (λ > 0)")
-        recursions = self.skip_recursions
-        if isinstance(recursions, bool) or not isinstance(recursions, int) or recursions < 1:
-            raise ValueError(f"skip_recursions={recursions!r} must be an integer >= 1 (the recursion depth K)")
-        for name in ("skip_share_norm", "skip_learnable_scale"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
-        if self.skip_variant in SCALED_VARIANTS and scale <= 0:
-            raise ValueError(f"skip_scale={scale!r} must be > 0 for skip_variant={self.skip_variant!r}")
-        for name, users in _OPTION_USERS.items():
-            value = getattr(self, name)
-            if self.skip_variant not in users and value != self.__dataclass_fields__[name].default:
-                raise ValueError(
-                    f"{name}={value!r} is set but skip_variant={self.skip_variant!r} does not use it; "
-                    f"{name} applies to {', '.join(users)} (leave it at its default, "
-                    f"{self.__dataclass_fields__[name].default!r}, otherwise)"
-                )
-
-    @classmethod
-    def from_object(cls, obj) -> "SkipOptions":
-        """Read the ``skip_*`` attributes of a config (or any object carrying them)."""
-        return cls(**{name: getattr(obj, name) for name in cls.__dataclass_fields__})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @property
-    def uses_norm(self) -> bool:
-        return self.skip_variant not in ("plain", "xskip")
+from .skip_options import RECURSIVE_VARIANTS, SkipOptions
 
 
 class ResidualSkip(nn.Module):
@@ -192,8 +131,6 @@ def create_skip(options: SkipOptions, num_features: int, ln_layer: type[nn.Modul
 
 
 __all__ = [
-    "SKIP_VARIANTS",
-    "SkipOptions",
     "ResidualSkip",
     "ScaledSkip",
     "NormSkip",

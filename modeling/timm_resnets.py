@@ -15,7 +15,6 @@ The `skip_*` keyword arguments of the entrypoints are recorded in the model's ti
 """
 
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -37,52 +36,27 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from timm.models.resnetv2 import PreActBasic, PreActBottleneck, ResNetStage, ResNetV2
 from torch import nn
 
-from .residual import ResidualSkip, SkipOptions, create_skip
+from .configuration_rskip_resnet import CIFAR_BACKBONES, IMAGENET_BACKBONES
+from .residual import ResidualSkip, create_skip
+from .skip_options import ResNetSkipOptions
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 # LN over (C, H, W) with a per-channel affine is GroupNorm with one group; over C alone it is ConvNeXt's LayerNorm2d.
 SKIP_NORM_LAYERS = {"chw": GroupNorm1, "c": LayerNorm2d}
-LN_VARIANTS = ("post_ln", "pre_ln", "xskip_ln", "rskip_ln")
 
 
-@dataclass(frozen=True)
-class ResNetSkipOptions(SkipOptions):
-    """`SkipOptions` plus the axes the LN variants normalise a feature map over (BN variants use BatchNorm2d).
-
-    ``skip_norm_dims``: ``"chw"`` (each sample over C, H, W with a per-channel affine) or ``"c"`` (each position
-    over C).
-    """
-
-    skip_norm_dims: str = "chw"
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.skip_norm_dims not in SKIP_NORM_LAYERS:
-            raise ValueError(
-                f"skip_norm_dims={self.skip_norm_dims!r} is not known; "
-                "allowed: 'chw' (LN over C, H, W) or 'c' (LN over C)"
-            )
-        if self.skip_norm_dims != "chw" and self.skip_variant not in LN_VARIANTS:
-            raise ValueError(
-                f"skip_norm_dims={self.skip_norm_dims!r} is set but skip_variant={self.skip_variant!r} has no LN; "
-                f"skip_norm_dims applies to {', '.join(LN_VARIANTS)} (leave it at its default, 'chw', otherwise)"
-            )
-
-    @classmethod
-    def pop_from(cls, kwargs: dict) -> "ResNetSkipOptions":
-        """Take the ``skip_*`` entries out of a keyword-argument dict."""
-        return cls(**{name: kwargs.pop(name) for name in cls.__dataclass_fields__ if name in kwargs})
-
-    def create_skip(self, in_channels: int, out_channels: int, device=None, dtype=None) -> ResidualSkip:
-        """The skip module of a block; `pre_ln` normalises the block's input, the other variants its joined output."""
-        num_features = in_channels if self.skip_variant == "pre_ln" else out_channels
-        skip = create_skip(self, num_features, ln_layer=SKIP_NORM_LAYERS[self.skip_norm_dims], bn_layer=nn.BatchNorm2d)
-        if self.skip_variant.endswith("_bn"):
-            # The skip is its own first BatchNorm2d, whose forward branches on the input's rank: an FX leaf.
-            register_notrace_module(type(skip))
-        return skip.to(device=device, dtype=dtype)
+def create_block_skip(options: ResNetSkipOptions, in_channels: int, out_channels: int, device=None,
+                      dtype=None) -> ResidualSkip:
+    """The skip module of a block; `pre_ln` normalises the block's input, the other variants its joined output."""
+    num_features = in_channels if options.skip_variant == "pre_ln" else out_channels
+    skip = create_skip(options, num_features, ln_layer=SKIP_NORM_LAYERS[options.skip_norm_dims],
+                       bn_layer=nn.BatchNorm2d)
+    if options.skip_variant.endswith("_bn"):
+        # The skip is its own first BatchNorm2d, whose forward branches on the input's rank: an FX leaf.
+        register_notrace_module(type(skip))
+    return skip.to(device=device, dtype=dtype)
 
 
 class _SkipJoin:
@@ -96,7 +70,7 @@ class _SkipJoin:
 
     def add_skip(self, skip_options: ResNetSkipOptions) -> None:
         in_channels, out_channels = self.conv1.in_channels, getattr(self, self.last_conv).out_channels
-        self.skip = skip_options.create_skip(in_channels, out_channels, **get_device_dtype(self))
+        self.skip = create_block_skip(skip_options, in_channels, out_channels, **get_device_dtype(self))
 
 
 class RSkipBasicBlock(_SkipJoin, BasicBlock):
@@ -371,26 +345,29 @@ def _imagenet_cfg(**kwargs):
 
 # `register_model` reads `default_cfgs` from this module, so it is defined before the entrypoints.
 default_cfgs = generate_default_cfgs({
-    "preact_resnet20": _cifar_cfg(),
-    "preact_resnet56": _cifar_cfg(),
-    "preact_resnet110": _cifar_cfg(),
-    "preact_resnet164": _cifar_cfg(),
-    "rskip_resnet18": _imagenet_cfg(),
-    "rskip_resnet34": _imagenet_cfg(),
-    "rskip_resnet50": _imagenet_cfg(),
-    "rskip_resnet101": _imagenet_cfg(),
-    "rskip_resnet152": _imagenet_cfg(),
+    **{name: _cifar_cfg() for name in CIFAR_BACKBONES},
+    **{name: _imagenet_cfg() for name in IMAGENET_BACKBONES},
 })
-BACKBONES = tuple(default_cfgs)
+
+
+# This file's entrypoints by name: `create_backbone` builds from them, not from timm's registry, which may hold
+# another copy's.
+_ENTRYPOINTS = {}
 
 
 def _register(fn):
     """`register_model`, unless another copy of this file registered the name already: rskip's own, or the copy
     transformers puts next to a saved checkpoint and imports as remote code. Each copy builds its models itself."""
     name = fn.__name__
+    _ENTRYPOINTS[name] = fn
     if is_model(name) and model_entrypoint(name).__module__.rpartition(".")[2] == __name__.rpartition(".")[2]:
         return fn
     return register_model(fn)
+
+
+def create_backbone(name: str, **kwargs) -> nn.Module:
+    """The model `name` (one of `BACKBONES`) built by this file's own entrypoint."""
+    return _ENTRYPOINTS[name](**kwargs)
 
 
 @_register
@@ -460,8 +437,8 @@ __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "SKIP_NORM_LAYERS",
-    "BACKBONES",
-    "ResNetSkipOptions",
+    "create_block_skip",
+    "create_backbone",
     "RSkipBasicBlock",
     "RSkipBottleneck",
     "RSkipPreActBasic",

@@ -10,17 +10,15 @@ import argparse
 import json
 from pathlib import Path
 
-from training_common import plot_curves
+from rskip.training.model_card import skip_options_of
+from rskip.training.reporting import plot_curves
 
 # The validation metrics each task records, and the columns the table shows.
 TASK_METRICS = {"bleu": ["loss", "bleu", "chrf"], "top1": ["loss", "top1"]}
 
 
 def label(results: dict) -> str:
-    skip = results["skip"]
-    options = {"rskip": f" K={skip['skip_recursions']}", "xskip": f" λ={skip['skip_scale']}"}
-    return skip["skip_variant"] + next((text for prefix, text in options.items()
-                                        if skip["skip_variant"].startswith(prefix)), "")
+    return skip_options_of(results).label()
 
 
 def compare(run_dirs: list[Path], output: Path) -> list[dict]:

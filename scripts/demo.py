@@ -21,7 +21,7 @@ from pathlib import Path
 from num2words import num2words
 
 from rskip.tokenization import train_marian_tokenizer
-from training_common import plot_curves
+from rskip.training.reporting import plot_curves
 
 SCRIPTS = Path(__file__).resolve().parent
 VARIANTS = {"post_ln": ["--skip_variant", "post_ln"],

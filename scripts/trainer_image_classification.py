@@ -1,6 +1,6 @@
 """Train RSkipResNetForImageClassification with transformers' `Trainer` instead of our Accelerate loop.
 
-The data, model and augmentation flags are `train_image_classification.py`'s (`--train_file`, `--dataset_name`,
+The data, model and augmentation flags are `train_image_classification.py`'s (`rskip.training.cli`) (`--train_file`, `--dataset_name`,
 `--model`, `--skip_variant`, `--augmentation`...), as are `--optimizer` and `--momentum`; every other flag is a
 `TrainingArguments` field. For example, He et al.'s recipe on CIFAR-10 with a cosine schedule:
 
@@ -20,14 +20,13 @@ import numpy as np
 from timm.optim import create_optimizer_v2
 from transformers import Trainer, TrainingArguments
 
-from train_image_classification import (
+from rskip.training.cli import parse_image_classification_args, parse_trainer_args, run_main
+from rskip.training.image_classification import (
     ImageClassificationDataset,
     build_model,
     build_transforms,
     load_raw_datasets,
-    parse_args,
 )
-from training_common import parse_trainer_args, run_main
 
 
 def compute_metrics(prediction):
@@ -35,7 +34,7 @@ def compute_metrics(prediction):
 
 
 def main(argv=None):
-    training_args, args = parse_trainer_args(TrainingArguments, parse_args, argv)
+    training_args, args = parse_trainer_args(TrainingArguments, parse_image_classification_args, argv)
 
     with training_args.main_process_first():
         raw = load_raw_datasets(args)

@@ -1,6 +1,6 @@
 """Train RSkipMarian with transformers' `Seq2SeqTrainer` instead of our Accelerate loop.
 
-The data, tokenizer and model flags are `train_translation.py`'s (`--train_file`, `--dataset_name`,
+The data, tokenizer and model flags are `train_translation.py`'s (`rskip.training.cli`) (`--train_file`, `--dataset_name`,
 `--source_lang`, `--model_preset`, `--skip_variant`, `--num_beams`...); every other flag is a
 `Seq2SeqTrainingArguments` field. For example, the Transformer recipe on Multi30k:
 
@@ -18,30 +18,28 @@ division (Marian's loss ignores the `num_items_in_batch` the Trainer would other
 """
 
 import numpy as np
-from sacrebleu.metrics import BLEU, CHRF
 from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
-from train_translation import build_model, load_raw_datasets, load_tokenizer, parse_args, tokenize
-from training_common import parse_trainer_args, run_main
+from rskip.training.cli import parse_trainer_args, parse_translation_args, run_main
+from rskip.training.translation import build_model, load_raw_datasets, load_tokenizer, load_translation_metric, tokenize
 
 
 def main(argv=None):
-    training_args, args = parse_trainer_args(Seq2SeqTrainingArguments, parse_args, argv)
+    training_args, args = parse_trainer_args(Seq2SeqTrainingArguments, parse_translation_args, argv)
 
     with training_args.main_process_first():
         raw = load_raw_datasets(args)
         tokenizer = load_tokenizer(args, raw, None, training_args.process_index == 0)
         tokenized = tokenize(raw, tokenizer, args)
     model = build_model(args, tokenizer)
-    bleu, chrf = BLEU(), CHRF()
+    metric = load_translation_metric()  # BLEU and chrF with their sacreBLEU signatures, through `evaluate`
 
     def compute_metrics(prediction):
         # Generated ids, padded with -100 by the Trainer; references are the raw target sentences.
         ids = np.where(prediction.predictions != -100, prediction.predictions, tokenizer.pad_token_id)
         hypotheses = tokenizer.batch_decode(ids, skip_special_tokens=True)
-        references = raw["validation"]["target"][:]
-        return {"bleu": bleu.corpus_score(hypotheses, [references]).score,
-                "chrf": chrf.corpus_score(hypotheses, [references]).score}
+        return metric.compute(predictions=hypotheses, references=raw["validation"]["target"][:],
+                              bleu_tokenize=args.bleu_tokenize)
 
     trainer = Seq2SeqTrainer(
         model=model,
@@ -55,8 +53,6 @@ def main(argv=None):
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
     metrics = trainer.evaluate()
-    if training_args.predict_with_generate:
-        metrics |= {"eval_bleu_signature": str(bleu.get_signature()), "eval_chrf_signature": str(chrf.get_signature())}
     trainer.save_metrics("eval", metrics)
     return metrics
 

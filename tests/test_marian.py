@@ -224,7 +224,7 @@ def test_auto_classes_know_the_model(tmp_path):
         "AutoConfig": "configuration_rskip_marian.RSkipMarianConfig",
         "AutoModelForSeq2SeqLM": "modeling_rskip_marian.RSkipMarianMTModel",
     }
-    for name in ("configuration_rskip_marian.py", "modeling_rskip_marian.py", "residual.py"):
+    for name in ("configuration_rskip_marian.py", "modeling_rskip_marian.py", "residual.py", "skip_options.py"):
         assert (tmp_path / name).exists()
     assert isinstance(AutoModelForSeq2SeqLM.from_pretrained(tmp_path), RSkipMarianMTModel)
 
@@ -395,7 +395,7 @@ def test_bad_value_in_config_json_raises_value_error(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["skip_recursions"] = -1
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="skip_recursions=-1 must be an integer >= 1"):
+    with pytest.raises(ValueError, match="skip_recursions=-1 is not a valid recursion depth K; allowed: an integer >= 1"):
         RSkipMarianMTModel.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="skip_recursions=-1"):
         AutoModelForSeq2SeqLM.from_pretrained(tmp_path)

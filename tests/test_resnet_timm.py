@@ -14,6 +14,7 @@ from timm.models.resnetv2 import DownsampleConv
 from torch import nn
 
 from rskip import (
+    ConfigFieldError,
     ResNetSkipOptions,
     RSkipBasicBlock,
     RSkipBottleneck,
@@ -312,16 +313,20 @@ def test_push_to_hf_hub_uploads_a_loadable_folder(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(skip_variant="rskip"), r"skip_variant='rskip' is not a known variant; allowed: plain, post_ln"),
-    (dict(skip_recursions=0), r"skip_recursions=0 must be an integer >= 1"),
-    (dict(skip_norm_dims="hw"), r"skip_norm_dims='hw' is not known; allowed: 'chw' .* or 'c'"),
+    (dict(skip_variant="rskip"), r"skip_variant='rskip' is not known; allowed: plain, post_ln"),
+    (dict(skip_recursions=0), r"skip_recursions=0 is not a valid recursion depth K; allowed: an integer >= 1"),
+    (dict(skip_norm_dims="hw"), r"skip_norm_dims='hw' is not known; allowed: chw, c"),
     (dict(skip_variant="rskip_bn", skip_norm_dims="c"),
-     r"skip_norm_dims='c' is set but skip_variant='rskip_bn' has no LN"),
+     r"skip_norm_dims='c' is set but skip_variant='rskip_bn' does not use it; allowed: its default, 'chw', unless "
+     r"skip_variant is one of post_ln, pre_ln, xskip_ln, rskip_ln"),
     (dict(skip_variant="plain", skip_scale=2.0), r"skip_scale=2.0 is set but skip_variant='plain' does not use it"),
 ])
 def test_bad_skip_arguments_raise_value_errors(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as error:
         timm.create_model("preact_resnet20", **kwargs)
+    assert isinstance(error.value, ConfigFieldError)
+    bad_field = next(name for name in kwargs if name != "skip_variant" or len(kwargs) == 1)
+    assert (error.value.field, error.value.value) == (bad_field, kwargs[bad_field])
 
 
 def test_unknown_model_arguments_raise_type_errors():

@@ -84,15 +84,18 @@ def test_config_defaults():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(backbone="resnet50"),
      r"backbone='resnet50' is not an rskip timm model; allowed: preact_resnet20, .*rskip_resnet50"),
-    (dict(skip_variant="rskip"), r"skip_variant='rskip' is not a known variant; allowed: plain"),
-    (dict(skip_recursions=0), r"skip_recursions=0 must be an integer >= 1"),
+    (dict(skip_variant="rskip"), r"skip_variant='rskip' is not known; allowed: plain"),
+    (dict(skip_recursions=0), r"skip_recursions=0 is not a valid recursion depth K; allowed: an integer >= 1"),
     (dict(skip_norm_dims="hw"), r"skip_norm_dims='hw' is not known"),
     (dict(skip_variant="post_ln", skip_recursions=3), r"skip_recursions=3 is set but skip_variant='post_ln'"),
-    (dict(in_chans=0), r"in_chans=0 must be an integer >= 1"),
+    (dict(in_chans=0), r"in_chans=0 is not a channel count; allowed: an integer >= 1"),
 ])
 def test_config_rejects_bad_values(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(rskip.ConfigFieldError, match=message) as error:
         RSkipResNetConfig(**kwargs)
+    bad_field = next(name for name in kwargs if name != "skip_variant" or len(kwargs) == 1)
+    assert (error.value.field, error.value.value) == (bad_field, kwargs[bad_field])
+    assert error.value.allowed in str(error.value)
 
 
 def test_classifier_returns_the_loss_only_with_labels():
@@ -151,7 +154,7 @@ def test_saved_folder_has_auto_map_code_and_image_processor(saved_classifier):
         "AutoModelForImageClassification": "modeling_rskip_resnet.RSkipResNetForImageClassification",
     }
     assert {"modeling_rskip_resnet.py", "configuration_rskip_resnet.py", "timm_resnets.py", "residual.py",
-            "preprocessor_config.json"} <= {path.name for path in directory.iterdir()}
+            "skip_options.py", "preprocessor_config.json"} <= {path.name for path in directory.iterdir()}
     assert isinstance(AutoConfig.from_pretrained(directory), RSkipResNetConfig)
     model = AutoModelForImageClassification.from_pretrained(directory, trust_remote_code=True).eval()
     assert isinstance(model, RSkipResNetForImageClassification)

@@ -10,6 +10,7 @@ from huggingface_hub import ModelCard
 
 import compare_runs
 import model_card
+from rskip.training.model_card import write_model_card
 from image_helpers import cifar_parquet, one_torch_thread, tiny_args as image_args  # noqa: F401
 from translation_helpers import tiny_args as translation_args
 from translation_helpers import write_pairs
@@ -53,12 +54,12 @@ def test_a_translation_run_writes_its_card(translation_runs):
 
 
 def test_a_card_compares_against_a_baseline_run(translation_runs):
-    path = model_card.write_model_card(translation_runs["rskip_ln"], repo_id="someone/m30k-rskip",
+    path = write_model_card(translation_runs["rskip_ln"], repo_id="someone/m30k-rskip",
                                        baseline=translation_runs["post_ln"])
     text = path.read_text()
     baseline, ours = results_of(translation_runs["post_ln"]), results_of(translation_runs["rskip_ln"])
     assert "### Against the post_ln baseline" in text
-    assert (f"| someone/m30k-rskip (rskip_ln) | {ours['validation']['bleu']} | {ours['validation']['chrf']} | "
+    assert (f"| someone/m30k-rskip (rskip_ln K=2) | {ours['validation']['bleu']} | {ours['validation']['chrf']} | "
             f"{ours['test']['bleu']} | {ours['test']['chrf']} |") in text
     assert (f"| baseline (post_ln) | {baseline['validation']['bleu']} | {baseline['validation']['chrf']} | "
             f"{baseline['test']['bleu']} | {baseline['test']['chrf']} |") in text
@@ -81,7 +82,7 @@ def test_an_image_run_writes_its_card(tmp_path, cifar_parquet):  # noqa: F811
 
 def test_a_folder_that_is_not_a_run_is_refused(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="has no results.json or config.json"):
-        model_card.write_model_card(tmp_path)
+        write_model_card(tmp_path)
     with pytest.raises(SystemExit):
         model_card.main([str(tmp_path)])
     assert "is not a finished training run's output folder" in capsys.readouterr().err

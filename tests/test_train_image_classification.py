@@ -21,6 +21,8 @@ from torch.utils.data import DataLoader
 from transformers import pipeline
 
 import train_image_classification as train
+from rskip.training import image_classification
+from rskip.training.cli import parse_image_classification_args
 from conftest import REPO
 from image_helpers import (  # fixtures: cifar_parquet, one_torch_thread
     CIFAR10_CLASSES,
@@ -32,7 +34,7 @@ from image_helpers import (  # fixtures: cifar_parquet, one_torch_thread
 )
 from rskip import RSkipResNetForImageClassification
 from rskip.timm_resnets import CIFAR10_MEAN, CIFAR10_STD
-from training_common import list_checkpoints
+from rskip.training.checkpoints import list_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,7 @@ def test_pipeline_classifies_as_validation_did_with_the_dataset_class_names(fini
               for result in pipeline("image-classification", model=str(output_dir), trust_remote_code=True)(
                   image, top_k=10)}
     model = RSkipResNetForImageClassification.from_pretrained(output_dir).eval()
-    *_, eval_transform = train.build_transforms(model.timm_model)
+    *_, eval_transform = image_classification.build_transforms(model.timm_model)
     with torch.no_grad():
         probabilities = model(eval_transform(image)[None]).logits.softmax(-1)[0]
     assert set(scores) == set(CIFAR10_CLASSES)
@@ -136,7 +138,7 @@ def test_push_to_hub_uploads_the_model_folder_without_training_state(finished_ru
 # ------------------------------------------------------------------------------------------------- data
 
 def load(*args):
-    return train.load_raw_datasets(train.parse_args(["--output_dir", "x", *args]))
+    return image_classification.load_raw_datasets(parse_image_classification_args(["--output_dir", "x", *args]))
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -201,7 +203,7 @@ def test_other_column_names_and_labels_that_are_not_class_labels(tmp_path):
 # ----------------------------------------------------------------------------------------- augmentation
 
 def test_cifar_augmentation_is_a_random_crop_of_the_padded_image_and_a_random_flip():
-    augmentation, train_transform, _ = train.build_transforms(timm.create_model("preact_resnet20"))
+    augmentation, train_transform, _ = image_classification.build_transforms(timm.create_model("preact_resnet20"))
     assert augmentation == "pad_crop_flip"
     image = cifar_rows(0, 1)[0][0]
     padded = F.pad(torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255, (4, 4, 4, 4))
@@ -219,7 +221,7 @@ def test_cifar_augmentation_is_a_random_crop_of_the_padded_image_and_a_random_fl
 
 
 def test_imagenet_sized_models_get_timm_augmentation():
-    augmentation, train_transform, eval_transform = train.build_transforms(timm.create_model("rskip_resnet18"))
+    augmentation, train_transform, eval_transform = image_classification.build_transforms(timm.create_model("rskip_resnet18"))
     assert augmentation == "timm"
     assert "RandomResizedCropAndInterpolation" in [type(step).__name__ for step in train_transform.transforms]
     image = Image.new("RGB", (300, 200))
@@ -230,15 +232,15 @@ def test_augmentation_depends_only_on_the_seed_epoch_and_image(cifar_parquet):
     """Each image's random crop and flip come from (seed, epoch, index): the same with and without data-loader
     workers, different in another epoch, and the process's own generator is left alone."""
     raw = load("--train_file", str(cifar_parquet), "--max_train_samples", "16")
-    _, train_transform, _ = train.build_transforms(timm.create_model("preact_resnet20"))
-    dataset = train.ImageClassificationDataset(raw["train"], train_transform, "training data", seed=0)
+    _, train_transform, _ = image_classification.build_transforms(timm.create_model("preact_resnet20"))
+    dataset = image_classification.ImageClassificationDataset(raw["train"], train_transform, "training data", seed=0)
     state = torch.get_rng_state()
     first = dataset[3]["pixel_values"]
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(dataset[3]["pixel_values"], first) and not torch.equal(dataset[4]["pixel_values"], first)
 
     def epoch_pixels(workers):
-        loader = DataLoader(dataset, batch_size=4, sampler=train.EpochShuffle(len(dataset), seed=0),
+        loader = DataLoader(dataset, batch_size=4, sampler=image_classification.EpochShuffle(len(dataset), seed=0),
                             num_workers=workers)
         return torch.cat([batch["pixel_values"] for batch in loader])
 
@@ -248,10 +250,10 @@ def test_augmentation_depends_only_on_the_seed_epoch_and_image(cifar_parquet):
 
 
 def test_epoch_shuffle_is_a_permutation_drawn_from_seed_and_epoch():
-    sampler = train.EpochShuffle(50, seed=3)
+    sampler = image_classification.EpochShuffle(50, seed=3)
     order = list(sampler)
     assert sorted(order) == list(range(50)) and order != list(range(50)) and len(sampler) == 50
-    assert list(train.EpochShuffle(50, seed=3)) == order
+    assert list(image_classification.EpochShuffle(50, seed=3)) == order
     sampler.set_epoch(1)
     assert list(sampler) != order
 
@@ -259,7 +261,7 @@ def test_epoch_shuffle_is_a_permutation_drawn_from_seed_and_epoch():
 # ------------------------------------------------------------------------------------ model and schedule
 
 def parse(*args):
-    return train.parse_args(["--train_file", "x", "--output_dir", "out", *args])
+    return parse_image_classification_args(["--train_file", "x", "--output_dir", "out", *args])
 
 
 def test_schedule_warms_up_then_divides_the_rate_by_ten_at_half_and_three_quarters():
@@ -269,7 +271,7 @@ def test_schedule_warms_up_then_divides_the_rate_by_ten_at_half_and_three_quarte
     for kind in ("step", "cosine"):
         args = parse("--num_warmup_steps", "4", "--lr_scheduler_type", kind)
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
-        scheduler = train.create_scheduler(optimizer, args, max_train_steps=20)
+        scheduler = image_classification.create_scheduler(optimizer, args, max_train_steps=20)
         rates[kind] = []
         for _ in range(20):
             rates[kind].append(optimizer.param_groups[0]["lr"])
@@ -281,7 +283,7 @@ def test_schedule_warms_up_then_divides_the_rate_by_ten_at_half_and_three_quarte
 
 
 def test_timm_resnet_names_are_the_same_networks_with_the_skip_connection():
-    model = train.build_model(parse("--model", "resnet18", "--skip_variant", "post_ln"), ["a", "b"])
+    model = image_classification.build_model(parse("--model", "resnet18", "--skip_variant", "post_ln"), ["a", "b"])
     assert (model.config.backbone, model.config.skip_variant, model.config.num_labels) == (
         "rskip_resnet18", "post_ln", 2)
     stock = set(timm.create_model("resnet18", num_classes=2).state_dict())
@@ -326,7 +328,7 @@ def test_a_stopped_and_resumed_run_ends_with_the_same_weights(tmp_path, cifar_pa
     def stop_at_update_6(loss, step, output_dir):
         if step == 6:
             raise KeyboardInterrupt
-    with mock.patch("training_common.check_finite_loss", stop_at_update_6), pytest.raises(KeyboardInterrupt):
+    with mock.patch("rskip.training.loop.check_finite_loss", stop_at_update_6), pytest.raises(KeyboardInterrupt):
         train.main(tiny_args(cifar_parquet, tmp_path / "b", *common))
     assert [path.name for path in list_checkpoints(tmp_path / "b")] == ["step_4"]
     train.main([*tiny_args(cifar_parquet, tmp_path / "b", *common), "--resume_from_checkpoint", "latest"])

@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 from torch.utils.data import default_collate
 
 import train_image_classification as train
+from rskip.training import image_classification
+from rskip.training.cli import parse_image_classification_args
 from conftest import REPO
 from image_helpers import cifar_parquet, one_torch_thread, tiny_args  # fixtures: cifar_parquet, one_torch_thread
 from rskip import RSkipResNetForImageClassification
@@ -25,9 +27,9 @@ def validate(model_dir, checkpoint, cifar_parquet) -> tuple[float, float]:
     """Top-1 accuracy and loss of a checkpoint's weights on the validation images, in this process."""
     model = RSkipResNetForImageClassification.from_pretrained(model_dir).eval()
     model.load_state_dict(load_file(checkpoint / "model.safetensors"))
-    raw = train.load_raw_datasets(train.parse_args(tiny_args(cifar_parquet, "unused", "--validation_size", "15")))
-    *_, eval_transform = train.build_transforms(model.timm_model)
-    images = train.ImageClassificationDataset(raw["validation"], eval_transform, "validation data")
+    raw = image_classification.load_raw_datasets(parse_image_classification_args(tiny_args(cifar_parquet, "unused", "--validation_size", "15")))
+    *_, eval_transform = image_classification.build_transforms(model.timm_model)
+    images = image_classification.ImageClassificationDataset(raw["validation"], eval_transform, "validation data")
     batch = default_collate([images[index] for index in range(len(images))])
     with torch.no_grad():
         logits = model(pixel_values=batch["pixel_values"]).logits

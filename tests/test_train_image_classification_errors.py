@@ -11,6 +11,8 @@ import pytest
 from PIL import Image
 
 import train_image_classification as train
+from rskip.training import image_classification
+from rskip.training.cli import parse_image_classification_args
 from conftest import REPO
 from image_helpers import (  # fixtures: cifar_parquet, one_torch_thread
     cifar_parquet,
@@ -19,11 +21,12 @@ from image_helpers import (  # fixtures: cifar_parquet, one_torch_thread
     tiny_args,
     write_image_folder,
 )
-from training_common import TrainingError, list_checkpoints
+from rskip.training import TrainingError
+from rskip.training.checkpoints import list_checkpoints
 
 
 def load(*args):
-    return train.load_raw_datasets(train.parse_args(["--output_dir", "x", *map(str, args)]))
+    return image_classification.load_raw_datasets(parse_image_classification_args(["--output_dir", "x", *map(str, args)]))
 
 
 def test_missing_files_and_folders_are_named(tmp_path, cifar_parquet):
@@ -116,16 +119,16 @@ def test_pretrained_weights_that_cannot_be_loaded_are_named():
     for model, message in [("resnet18.a1_in1k", "cannot load pretrained weights for --model resnet18.a1_in1k: "),
                            ("preact_resnet20", "No pretrained weights exist for preact_resnet20")]:
         with pytest.raises(TrainingError, match=message):
-            train.build_model(train.parse_args(["--train_file", "x", "--output_dir", "out", "--model", model,
+            image_classification.build_model(parse_image_classification_args(["--train_file", "x", "--output_dir", "out", "--model", model,
                                                 "--pretrained"]), ["a", "b"])
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--skip_recursions", "0"], "argument --skip_recursions: skip_recursions=0 must be an integer >= 1"),
+    (["--skip_recursions", "0"], "argument --skip_recursions: skip_recursions=0 is not a valid recursion depth K; allowed: an integer >= 1"),
     (["--skip_variant", "post_ln", "--skip_recursions", "3"],
      "argument --skip_recursions: skip_recursions=3 is set but skip_variant='post_ln' does not use it"),
     (["--skip_variant", "plain", "--skip_norm_dims", "c"],
-     "argument --skip_norm_dims: skip_norm_dims='c' is set but skip_variant='plain' has no LN"),
+     "argument --skip_norm_dims: skip_norm_dims='c' is set but skip_variant='plain' does not use it"),
     (["--skip_variant", "rskip"], "argument --skip_variant: invalid choice: 'rskip' (choose from 'plain', 'post_ln'"),
     (["--model", "vit_tiny_patch16_224"],
      "argument --model: vit_tiny_patch16_224 cannot take a skip connection (--skip_*): "
@@ -143,7 +146,7 @@ def test_pretrained_weights_that_cannot_be_loaded_are_named():
 ])
 def test_bad_command_lines_name_the_flag_value_and_allowed_values(capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
-        train.parse_args(["--train_file", "x", "--output_dir", "out", *flags])
+        parse_image_classification_args(["--train_file", "x", "--output_dir", "out", *flags])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 

@@ -12,9 +12,11 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, MarianConfig, MarianMTModel
 
 import train_translation
+from rskip.training import translation
+from rskip.training.cli import parse_translation_args
 from conftest import REPO, read_lines
 from rskip import RSkipMarianConfig, RSkipMarianMTModel
-from training_common import list_checkpoints
+from rskip.training.checkpoints import list_checkpoints
 from translation_helpers import tiny_args, write_pairs
 
 PIPELINE = """
@@ -138,7 +140,7 @@ def test_checkpoints_are_complete_and_temporary_folders_gone(finished_run):
 # ------------------------------------------------------------------------------------------------- data
 
 def load(*args):
-    return train_translation.load_raw_datasets(train_translation.parse_args([
+    return translation.load_raw_datasets(parse_translation_args([
         "--source_lang", "en", "--target_lang", "de", "--model_preset", "transformer-tiny", "--output_dir", "x",
         *args]))
 
@@ -185,7 +187,7 @@ def test_reads_plain_and_gzipped_parallel_text(data, multi30k_dir):
 
 def test_token_batches_group_similar_lengths_within_the_budget():
     lengths = list(torch.randint(1, 40, (500,), generator=torch.Generator().manual_seed(0)).tolist())
-    sampler = train_translation.LengthBatchSampler(lengths, max_tokens=128, seed=1)
+    sampler = translation.LengthBatchSampler(lengths, max_tokens=128, seed=1)
     batches = list(sampler)
     assert sorted(i for batch in batches for i in batch) == list(range(500))
     assert len(batches) == len(sampler)
@@ -203,7 +205,7 @@ def test_token_batches_group_similar_lengths_within_the_budget():
 
 
 def test_sentence_batches_are_random_and_complete():
-    sampler = train_translation.LengthBatchSampler([5] * 10, batch_size=4, seed=0)
+    sampler = translation.LengthBatchSampler([5] * 10, batch_size=4, seed=0)
     batches = list(sampler)
     assert [len(batch) for batch in batches] == [4, 4, 2] and len(sampler) == 3
     assert sorted(i for batch in batches for i in batch) == list(range(10)) and batches[0] != [0, 1, 2, 3]
@@ -269,9 +271,9 @@ def stock_marian(tmp_path, marian_tokenizer):
 
 
 def build(*args):
-    args = train_translation.parse_args(["--train_file", "x", "--validation_file", "y", "--source_lang", "en",
+    args = parse_translation_args(["--train_file", "x", "--validation_file", "y", "--source_lang", "en",
                                          "--target_lang", "de", "--output_dir", "out", *args])
-    return train_translation.build_model(args, AutoTokenizer.from_pretrained(args.tokenizer_name or
+    return translation.build_model(args, AutoTokenizer.from_pretrained(args.tokenizer_name or
                                                                              args.model_name_or_path))
 
 
@@ -315,7 +317,7 @@ def test_mixed_precision_bf16_trains(tmp_path, data, tokenizer_dir):
 @pytest.mark.parametrize("preset, millions", [("transformer-base", 65), ("transformer-big", 213)])
 def test_vaswani_presets_have_the_papers_size(preset, millions):
     """With a 37k joint vocabulary, as in Vaswani et al. (2017), Table 3: 65M and 213M parameters."""
-    config = train_translation.MODEL_PRESETS[preset]
+    config = translation.MODEL_PRESETS[preset]
     assert (config["activation_function"], config["scale_embedding"], config["tie_word_embeddings"]) == \
         ("relu", True, True)
     with torch.device("meta"):

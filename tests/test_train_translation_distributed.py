@@ -10,6 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 import train_translation
+from rskip.training import translation
+from rskip.training.cli import parse_translation_args
 from conftest import REPO
 from translation_helpers import tiny_args, write_pairs
 

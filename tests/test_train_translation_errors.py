@@ -8,8 +8,11 @@ import sys
 import pytest
 
 import train_translation
+from rskip.training import translation
+from rskip.training.cli import parse_translation_args
 from conftest import REPO
-from training_common import TrainingError, list_checkpoints
+from rskip.training import TrainingError
+from rskip.training.checkpoints import list_checkpoints
 from translation_helpers import tiny_args, write_pairs
 
 
@@ -19,7 +22,7 @@ def data(tmp_path_factory, multi30k_dir):
 
 
 def load(*args):
-    return train_translation.load_raw_datasets(train_translation.parse_args([
+    return translation.load_raw_datasets(parse_translation_args([
         "--source_lang", "en", "--target_lang", "de", "--model_preset", "transformer-tiny", "--output_dir", "x",
         *args]))
 
@@ -84,26 +87,26 @@ def test_a_tokenizer_that_does_not_fit_the_model_is_refused(tmp_path, marian_tok
     RSkipMarianMTModel(RSkipMarianConfig(vocab_size=99, d_model=16, encoder_layers=1, decoder_layers=1,
                                          encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=8,
                                          decoder_ffn_dim=8, pad_token_id=98)).save_pretrained(tmp_path / "model")
-    args = train_translation.parse_args(["--train_file", "x", "--validation_file", "y", "--source_lang", "en",
+    args = parse_translation_args(["--train_file", "x", "--validation_file", "y", "--source_lang", "en",
                                          "--target_lang", "de", "--output_dir", "out",
                                          "--model_name_or_path", str(tmp_path / "model")])
     with pytest.raises(TrainingError, match=rf"tokenizer \({len(marian_tokenizer)} tokens, pad id "
                                             rf"{marian_tokenizer.pad_token_id}\) does not match the model \(99 "
                                             rf"embeddings, pad id 98\)"):
-        train_translation.build_model(args, marian_tokenizer)
+        translation.build_model(args, marian_tokenizer)
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--skip_recursions", "0"], "argument --skip_recursions: skip_recursions=0 must be an integer >= 1"),
+    (["--skip_recursions", "0"], "argument --skip_recursions: skip_recursions=0 is not a valid recursion depth K; allowed: an integer >= 1"),
     (["--skip_variant", "post_ln", "--skip_recursions", "3"],
      "argument --skip_recursions: skip_recursions=3 is set but skip_variant='post_ln' does not use it"),
-    (["--skip_variant", "xskip", "--skip_scale", "-1"], "argument --skip_scale: skip_scale=-1.0 must be > 0"),
+    (["--skip_variant", "xskip", "--skip_scale", "-1"], "argument --skip_scale: skip_scale=-1.0 is not a valid λ for skip_variant='xskip'; allowed: a number > 0"),
     (["--skip_variant", "rskip"], "argument --skip_variant: invalid choice: 'rskip' (choose from 'plain', 'post_ln'"),
     (["--checkpointing_steps", "often"], "argument --checkpointing_steps: expected a number of steps or 'epoch'"),
 ])
 def test_bad_command_lines_name_the_flag_value_and_allowed_values(capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
-        train_translation.parse_args(["--train_file", "x", "--validation_file", "y", "--source_lang", "en",
+        parse_translation_args(["--train_file", "x", "--validation_file", "y", "--source_lang", "en",
                                       "--target_lang", "de", "--model_preset", "transformer-tiny",
                                       "--output_dir", "out", *flags])
     assert exit_info.value.code == 2

@@ -1,0 +1,26 @@
+"""rskip.training: train the models of this package with Accelerate, on one process, many GPUs or many machines.
+
+    from rskip.training import TrainingConfig, train
+    from rskip.training.cli import parse_translation_args
+    from rskip.training.translation import TranslationTask
+
+    args = parse_translation_args(["--train_file", "data/train", "--validation_file", "data/val", ...])
+    results = train(TranslationTask(args), TrainingConfig.from_args(args), command="...")
+
+One module per concern:
+
+- `loop`: `train`, the run both tasks share (accelerator → data → model → optimizer → prepare → resume → loop →
+  best model → output folder), its typed `TrainingConfig`, and `TrainingTask`, the parts a task passes in.
+- `translation`, `image_classification`: each task's data pipeline, samplers, model building, evaluation and task.
+- `checkpoints`: run state, atomic writes, finding and resuming checkpoints, the best model.
+- `reporting`: results.json, hardware, curves, the output folder and the Hub upload; `model_card`: model cards.
+- `cli`: the scripts' command lines; `data`: reading local data files; `errors`: `TrainingError`.
+- `translation_scores`: BLEU and chrF as an `evaluate` metric module.
+
+The model files of the package never import this subpackage, so saved model folders stay free of it.
+"""
+
+from .errors import TrainingError
+from .loop import TrainingConfig, TrainingTask, train
+
+__all__ = ["TrainingError", "TrainingConfig", "TrainingTask", "train"]

@@ -1,0 +1,190 @@
+"""Resumable training state: where a run stands (`RunState`), atomic writes, and the checkpoints of a run.
+
+A checkpoint is an `Accelerator.save_state` folder plus the run's `run_state.json`, written all at once::
+
+    <output_dir>/checkpoints/step_<N>/  model.safetensors, optimizer.bin, scheduler.bin, random_states_<rank>.pkl
+                                        run_state.json  {"step", "epoch", "batches_in_epoch", "best", "history", "config"}
+                                        ...and what the task adds (translation: tokenizer/)
+
+A resume checks that the checkpoint was written with the same settings (`RunState.from_checkpoint`).
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from .errors import TrainingError
+
+CHECKPOINTS = "checkpoints"
+RUN_STATE = "run_state.json"
+BEST_SCORES = "validation_scores.json"
+
+
+def settings_to_check(settings: dict, may_change: set[str], **extra) -> dict:
+    """The settings a checkpoint must share with the run that resumes it: every setting except `may_change`
+    (output paths, logging, evaluation cadence...), plus `extra` facts such as the number of processes."""
+    config = {name: value for name, value in sorted(settings.items()) if name not in may_change}
+    return json.loads(json.dumps({**config, **extra}, default=str))
+
+
+@dataclasses.dataclass
+class RunState:
+    """Where a run stands, saved as each checkpoint's run_state.json: the optimizer updates done, the data position
+    (epoch, batches of it done), the best validation scores so far with their "step", the validation history (one
+    record per validation, with its "step"), and the settings a resume must share."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    best: dict | None = None
+    history: list[dict] = dataclasses.field(default_factory=list)
+    config: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Path | None, config: dict) -> "RunState":
+        """The state saved in `checkpoint`, after checking that it was written with `config`; a new run's when
+        `checkpoint` is None."""
+        if checkpoint is None:
+            return cls(config=config)
+        saved = json.loads((checkpoint / RUN_STATE).read_text())
+        saved_config = saved.get("config", {})
+        differences = [
+            f"{name}: {saved_config.get(name, '<unset>')!r} in the checkpoint, {config.get(name, '<unset>')!r} now"
+            for name in sorted(set(saved_config) | set(config)) if saved_config.get(name) != config.get(name)
+        ]
+        if differences:
+            raise TrainingError(
+                f"checkpoint {checkpoint} belongs to another configuration; resume it with the settings it was "
+                f"written with, or start a new run. Differences:\n  " + "\n  ".join(differences)
+            )
+        return cls(**saved)
+
+
+def write_json(path: str | Path, data) -> None:
+    """Write `data` as indented JSON, atomically (temporary file, then rename)."""
+    path = Path(path)
+    temporary = path.with_name(f".tmp-{path.name}")
+    temporary.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    os.replace(temporary, path)
+
+
+@contextlib.contextmanager
+def atomic_directory(accelerator: Accelerator, path: str | Path) -> Iterator[Path]:
+    """Write a folder all at once: every process writes into a temporary sibling, which the main process
+    then renames to `path` (replacing an older one). An interruption leaves `path` as it was.
+
+    Needs a file system shared by all processes, as `Accelerator.save_state` does."""
+    path = Path(path)
+    temporary, previous = path.with_name(f".tmp-{path.name}"), path.with_name(f".old-{path.name}")
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    yield temporary
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if path.exists():
+            path.rename(previous)
+        temporary.rename(path)
+        shutil.rmtree(previous, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first."""
+    folder = Path(output_dir) / CHECKPOINTS
+    found = [path for path in folder.glob("step_*") if (path / RUN_STATE).is_file()] if folder.is_dir() else []
+    return sorted(found, key=lambda path: int(path.name.removeprefix("step_")))
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: RunState,
+                    keep_last: int | None = None, save_extra: Callable[[Path], None] | None = None) -> Path:
+    """Save model, optimizer, scheduler and RNG states (`Accelerator.save_state`) and `state` to
+    `output_dir/checkpoints/step_<step>`, atomically. `save_extra(folder)` runs on the main process to add files
+    (a tokenizer...). Keeps the `keep_last` newest checkpoints when set."""
+    path = Path(output_dir) / CHECKPOINTS / f"step_{state.step}"
+    with atomic_directory(accelerator, path) as temporary:
+        accelerator.save_state(temporary)
+        if accelerator.is_main_process:
+            if save_extra is not None:
+                save_extra(temporary)
+            write_json(temporary / RUN_STATE, dataclasses.asdict(state))
+    if accelerator.is_main_process and keep_last:
+        for old in list_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def find_checkpoint(output_dir: str | Path, resume_from: str | None) -> Path | None:
+    """Resolve `--resume_from_checkpoint`: `latest` is the newest checkpoint of `output_dir` (None when there is
+    none yet, so a preemptible job can always pass it); anything else must be a checkpoint folder."""
+    if not resume_from:
+        return None
+    if resume_from == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume_from)
+    if not path.is_dir():
+        raise TrainingError(f"--resume_from_checkpoint {path}: no such folder")
+    if not (path / RUN_STATE).is_file():
+        raise TrainingError(
+            f"--resume_from_checkpoint {path} is not a checkpoint of this project (it has no {RUN_STATE}); "
+            f"checkpoints are the folders {CHECKPOINTS}/step_<N> inside a run's output folder"
+        )
+    return path
+
+
+def resume(accelerator: Accelerator, checkpoint: Path, state: RunState, best_dir: Path) -> None:
+    """Load the weights, optimizer, schedule and RNG states of `checkpoint` (`state` holds the rest). When `best_dir`
+    does not hold the checkpoint's best model (the run stopped between a new best and its checkpoint, or resumes into
+    another folder), the best is tracked anew."""
+    accelerator.load_state(str(checkpoint))
+    accelerator.print(f"Resumed from {checkpoint}: step {state.step}, epoch {state.epoch}, "
+                      f"{state.batches_in_epoch} batches into it")
+    saved_best = best_dir / BEST_SCORES
+    if state.best and (not saved_best.is_file() or json.loads(saved_best.read_text())["step"] != state.best["step"]):
+        accelerator.print(f"{best_dir} does not hold the checkpoint's best model (step {state.best['step']}): "
+                          f"the best is tracked anew from here")
+        state.best = None
+
+
+def save_best_model(accelerator: Accelerator, model, best_dir: Path, best: dict, processor=None,
+                    files: dict[str, str] | None = None) -> None:
+    """Save the new best model to `best_dir` as a Hub-ready folder, atomically: `save_pretrained` (config, weights,
+    custom code), `processor.save_pretrained` (a tokenizer...) and `files` (name: text); then its scores `best`
+    (with their "step") as validation_scores.json, which `resume` checks."""
+    with atomic_directory(accelerator, best_dir) as temporary:
+        state_dict = accelerator.get_state_dict(model)
+        accelerator.unwrap_model(model).save_pretrained(temporary, state_dict=state_dict,
+                                                        is_main_process=accelerator.is_main_process,
+                                                        save_function=accelerator.save)
+        if accelerator.is_main_process:
+            if processor is not None:
+                processor.save_pretrained(temporary)
+            for name, text in (files or {}).items():
+                (temporary / name).write_text(text)
+    if accelerator.is_main_process:
+        write_json(best_dir / BEST_SCORES, best)
+
+
+__all__ = [
+    "CHECKPOINTS",
+    "RUN_STATE",
+    "BEST_SCORES",
+    "settings_to_check",
+    "RunState",
+    "write_json",
+    "atomic_directory",
+    "list_checkpoints",
+    "save_checkpoint",
+    "find_checkpoint",
+    "resume",
+    "save_best_model",
+]

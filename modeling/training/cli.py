@@ -1,0 +1,336 @@
+"""The command lines of the training scripts: their flags, grouped by concern as in timm's `train.py`, checked once
+after parsing, so that a bad value stops the run before any work with one message naming the flag.
+
+- `parse_translation_args`, `parse_image_classification_args`: `scripts/train_translation.py` and
+  `scripts/train_image_classification.py`.
+- `add_skip_arguments`: the `--skip_*` flags, made from the declarations of `SkipOptions` (its fields, their
+  documentation, types and choices); `check_skip_arguments` maps a `ConfigFieldError` to the flag by its `field`.
+- `parse_trainer_args`: a command line split between a transformers `TrainingArguments` class and a script's flags,
+  for the Trainer examples.
+- `run_main`: a `TrainingError` becomes `error: <message>` and exit status 1, not a traceback.
+"""
+
+import argparse
+import dataclasses
+import shlex
+import sys
+from collections.abc import Callable
+
+from sacrebleu.metrics import BLEU
+from timm.models import split_model_name_tag
+from transformers import HfArgumentParser
+
+from ..skip_options import ConfigFieldError, ResNetSkipOptions, SkipOptions
+from ..timm_resnets import rskip_architecture
+from .errors import TrainingError
+from .image_classification import DEFAULT_WARMUP_STEPS, IMAGE_COLUMNS, LABEL_COLUMNS, WARMUP_MODELS
+from .translation import MODEL_PRESETS
+
+TRANSLATION_DESCRIPTION = (
+    "Train a translation Transformer whose residual connections come from the family of Liu et al., \"Rethinking "
+    "Skip Connection with Layer Normalization in Transformers and ResNets\" (COLING 2020) -- by default rSkip+LN, "
+    "y = LN_2(x + LN_1(x + F(x))) -- with Accelerate: one process, many GPUs or many machines."
+)
+IMAGE_CLASSIFICATION_DESCRIPTION = TRANSLATION_DESCRIPTION.replace("a translation Transformer", "an image classifier")
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """Call `main()`; a `TrainingError` exits with status 1 and `error: <message>` instead of a traceback."""
+    try:
+        main()
+    except TrainingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that ran `main(argv)`, for results.json and model cards: as typed (`sys.argv`) when `argv` is None,
+    else `script` followed by `argv` (a call from Python, as in the tests)."""
+    return shlex.join(sys.argv if argv is None else [script, *argv])
+
+
+def steps_or_epoch(text: str) -> int | str:
+    """--eval_steps, --checkpointing_steps: a number of optimizer updates > 0, or 'epoch'."""
+    if text == "epoch":
+        return text
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected a number of steps or 'epoch', got {text!r}")
+
+
+def add_skip_arguments(parser: argparse.ArgumentParser, options_class: type[SkipOptions], default: str) -> None:
+    """A `--<field>` flag for every field of `options_class`, left None unless given. `default` says which variant
+    a run gets without `--skip_variant`."""
+    group = parser.add_argument_group("skip connection (Liu et al., COLING 2020)")
+    for spec in dataclasses.fields(options_class):
+        help_text = spec.metadata["help"].replace("%", "%%")
+        if spec.name == "skip_variant":
+            group.add_argument("--skip_variant", choices=spec.metadata["choices"],
+                               help=f"{help_text} Default: {default}. Setting it resets the other --skip_* options "
+                                    "to their defaults.")
+        elif spec.type is bool:
+            group.add_argument(f"--{spec.name}", action=argparse.BooleanOptionalAction, default=None,
+                               help=f"{help_text} (default {spec.default})")
+        else:
+            group.add_argument(f"--{spec.name}", type=None if spec.metadata["choices"] else spec.type,
+                               choices=spec.metadata["choices"], help=f"{help_text} (default {spec.default!r})")
+
+
+def check_skip_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                         options_class: type[SkipOptions]) -> None:
+    """Exit with argparse's usage error if the given `--skip_*` flags make no valid `options_class`."""
+    try:
+        options_class(**options_class.given(args))
+    except ConfigFieldError as error:
+        parser.error(f"argument --{error.field}: {error}")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of a script's last two groups: checkpoints and output, logging and the Hub."""
+    output = parser.add_argument_group("checkpoints and output")
+    output.add_argument("--output_dir", required=True)
+    output.add_argument("--checkpointing_steps", type=steps_or_epoch,
+                        help="Save a resumable state every N updates, or 'epoch'; and at the end of training.")
+    output.add_argument("--checkpoints_total_limit", type=int, help="Keep only the newest N checkpoints.")
+    output.add_argument("--resume_from_checkpoint",
+                        help="A checkpoint folder, or 'latest' (the newest in --output_dir, if any).")
+
+    logging = parser.add_argument_group("logging and the Hub")
+    logging.add_argument("--with_tracking", action="store_true")
+    logging.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "trackio", "wandb", "all"])
+    logging.add_argument("--push_to_hub", action="store_true")
+    logging.add_argument("--hub_model_id", help="Defaults to the name of --output_dir.")
+    logging.add_argument("--hub_token")
+
+
+def parse_trainer_args(arguments_class, parse_args: Callable, argv: list[str] | None = None) -> tuple:
+    """Split a command line (`sys.argv[1:]` when `argv` is None) between a transformers `TrainingArguments` class,
+    which takes its fields, and a training script's `parse_args`, which takes the rest plus the Trainer's
+    --output_dir and --seed. Returns both parsed."""
+    training_args, rest = HfArgumentParser(arguments_class).parse_args_into_dataclasses(
+        args=sys.argv[1:] if argv is None else argv, return_remaining_strings=True)
+    args = parse_args([*rest, "--output_dir", training_args.output_dir, "--seed", str(training_args.seed)])
+    return training_args, args
+
+
+def parse_translation_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of `scripts/train_translation.py` (`sys.argv[1:]` when `argv` is None), checked."""
+    parser = argparse.ArgumentParser(description=TRANSLATION_DESCRIPTION,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_name", help="A Hub dataset (or a local dataset folder), with a 'translation' "
+                      "column of {lang: text} pairs or one column per language.")
+    data.add_argument("--dataset_config_name")
+    data.add_argument("--train_file", help="JSON lines in the HF translation format ({'translation': {'en': ..., "
+                      "'de': ...}}), or the prefix of parallel text files PREFIX.<lang>[.gz], one sentence a line.")
+    data.add_argument("--validation_file", help="As --train_file.")
+    data.add_argument("--test_file", help="As --train_file; evaluated once at the end, with the best model.")
+    data.add_argument("--validation_split_name", default="validation")
+    data.add_argument("--test_split_name", default="test")
+    data.add_argument("--source_lang", required=True)
+    data.add_argument("--target_lang", required=True)
+    data.add_argument("--max_source_length", type=int, default=256, help="Longer sources are truncated.")
+    data.add_argument("--max_target_length", type=int, default=256, help="Longer targets are truncated.")
+    data.add_argument("--max_train_samples", type=int)
+    data.add_argument("--max_eval_samples", type=int)
+    data.add_argument("--max_predict_samples", type=int)
+    data.add_argument("--drop_empty_pairs", action="store_true",
+                      help="Drop pairs with an empty side instead of stopping with an error.")
+    data.add_argument("--preprocessing_num_workers", type=int)
+
+    tokenizer = parser.add_argument_group("tokenizer (trained on the training data when none is given)")
+    tokenizer.add_argument("--tokenizer_name", help="Defaults to --model_name_or_path.")
+    tokenizer.add_argument("--vocab_size", type=int, default=8000)
+    vocab = tokenizer.add_mutually_exclusive_group()
+    vocab.add_argument("--joint_vocab", dest="joint_vocab", action="store_true", default=True,
+                       help="One SentencePiece model for both languages (Vaswani et al.).")
+    vocab.add_argument("--separate_vocab", dest="joint_vocab", action="store_false",
+                       help="One SentencePiece model per language (OPUS-MT); the vocabulary is still shared.")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model_preset", choices=sorted(MODEL_PRESETS), help="Train from scratch.")
+    model.add_argument("--model_name_or_path", help="Start from a Marian or RSkipMarian checkpoint.")
+    model.add_argument("--config_overrides", help="Config fields to change, e.g. 'encoder_layers=6,dropout=0.3'.")
+    add_skip_arguments(parser, SkipOptions, default="rskip_ln from scratch, the checkpoint's own with "
+                                                     "--model_name_or_path")
+
+    training = parser.add_argument_group("optimisation")
+    training.add_argument("--learning_rate", type=float, default=5e-4, help="Peak learning rate.")
+    training.add_argument("--adam_beta1", type=float, default=0.9)
+    training.add_argument("--adam_beta2", type=float, default=0.98)
+    training.add_argument("--adam_epsilon", type=float, default=1e-9)
+    training.add_argument("--weight_decay", type=float, default=0.0, help="Not applied to biases and norms.")
+    training.add_argument("--lr_scheduler_type", default="inverse_sqrt",
+                          choices=["inverse_sqrt", "linear", "cosine", "constant_with_warmup"])
+    training.add_argument("--num_warmup_steps", type=int, default=4000)
+    training.add_argument("--label_smoothing", type=float, default=0.1)
+    training.add_argument("--max_grad_norm", type=float, default=1.0, help="0 turns clipping off.")
+    batching = training.add_mutually_exclusive_group()
+    batching.add_argument("--max_tokens", type=int,
+                          help="Token-based batches of similar lengths: at most this many padded tokens per "
+                               "device and micro-batch (the default, 4096, when neither option is given).")
+    batching.add_argument("--per_device_train_batch_size", type=int, help="Sentence-based random batches.")
+    training.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    training.add_argument("--num_train_epochs", type=int, default=10)
+    training.add_argument("--max_train_steps", type=int, help="Optimizer updates; overrides --num_train_epochs.")
+    training.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"],
+                          help="Default: the `accelerate launch` configuration.")
+    training.add_argument("--seed", type=int, default=42)
+
+    evaluation = parser.add_argument_group("evaluation (beam search, sacreBLEU and chrF)")
+    evaluation.add_argument("--eval_steps", type=steps_or_epoch, default=1000,
+                            help="Validate every N updates or every 'epoch', and at the end.")
+    evaluation.add_argument("--per_device_eval_batch_size", type=int, default=64)
+    evaluation.add_argument("--num_beams", type=int, default=4)
+    evaluation.add_argument("--val_max_target_length", type=int,
+                            help="Most tokens generated per sentence; defaults to --max_target_length.")
+    evaluation.add_argument("--bleu_tokenize", default="13a", choices=list(BLEU.TOKENIZERS),
+                            help="sacreBLEU's tokenizer: 13a (its default), intl, char (for one-word outputs), zh...")
+
+    add_output_arguments(parser)
+
+    args = parser.parse_args(argv)
+    if not (args.dataset_name or args.train_file):
+        parser.error("give --dataset_name, or --train_file and --validation_file")
+    if args.train_file and not args.validation_file:
+        parser.error("--train_file needs --validation_file (validation picks the best checkpoint)")
+    if args.dataset_name and args.train_file:
+        parser.error("give either --dataset_name or --train_file, not both")
+    if not (args.model_preset or args.model_name_or_path):
+        parser.error(f"give --model_preset ({', '.join(MODEL_PRESETS)}) or --model_name_or_path")
+    if args.model_preset and args.model_name_or_path:
+        parser.error("give either --model_preset (from scratch) or --model_name_or_path (fine-tuning), not both")
+    if args.max_tokens is None and args.per_device_train_batch_size is None:
+        args.max_tokens = 4096
+    args.val_max_target_length = args.val_max_target_length or args.max_target_length
+    check_skip_arguments(parser, args, SkipOptions)
+    return args
+
+
+def parse_image_classification_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of `scripts/train_image_classification.py` (`sys.argv[1:]` when `argv` is None), checked."""
+    parser = argparse.ArgumentParser(description=IMAGE_CLASSIFICATION_DESCRIPTION,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    data = parser.add_argument_group("data (images are converted to RGB)")
+    data.add_argument("--dataset_name", help="A Hub dataset (or a local dataset folder) with an image column and a "
+                      "class-label column, e.g. uoft-cs/cifar10.")
+    data.add_argument("--dataset_config_name")
+    data.add_argument("--validation_split_name", default="validation",
+                      help="A split of --dataset_name; without it, validation is carved from train "
+                           "(--validation_size).")
+    data.add_argument("--train_file", help="A parquet file of images and labels, such as a datasets export "
+                      "(../shared/data/cifar10/train.parquet).")
+    data.add_argument("--validation_file", help="As --train_file.")
+    data.add_argument("--train_dir", help="An image folder: one subfolder of images per class (datasets' imagefolder).")
+    data.add_argument("--validation_dir", help="As --train_dir.")
+    data.add_argument("--validation_size", type=validation_size, default=0.1,
+                      help="Without validation data: the last rows of the training data become the validation split, "
+                           "a number of images or a fraction (0.1 of CIFAR-10's 50,000 images is its last 5,000).")
+    data.add_argument("--image_column", help=f"Default: {' or '.join(IMAGE_COLUMNS)}, else the one Image column.")
+    data.add_argument("--label_column", help=f"Default: {' or '.join(LABEL_COLUMNS)}, else the one ClassLabel column.")
+    data.add_argument("--num_labels", type=int, help="The number of classes the training data must have (a check).")
+    data.add_argument("--max_train_samples", type=int, help="Train on the first N training images.")
+    data.add_argument("--max_eval_samples", type=int, help="Validate on the first N validation images.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0,
+                      help="Processes decoding and augmenting images (e.g. 8 per GPU); 0: the training process.")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="preact_resnet110",
+                       help="rskip's CIFAR PreAct-ResNets (preact_resnet20/56/110/164, 32x32 images) or ImageNet "
+                            "ResNets (rskip_resnet18/34/50/101/152); timm's resnet18/34/50/101/152 are the latter.")
+    model.add_argument("--pretrained", action="store_true",
+                       help="Start from timm weights: --model is then a timm name with weights (resnet50.a1_in1k), "
+                            "hf-hub:<repo> or a save_for_hf folder; a stock ResNet gets the skip connection (new "
+                            "norms start at weight 1, bias 0), and the classifier is new if the classes differ.")
+    add_skip_arguments(parser, ResNetSkipOptions, default="rskip_ln, or the one a pretrained rskip model was saved with")
+
+    training = parser.add_argument_group("optimisation")
+    training.add_argument("--optimizer", default="momentum", choices=["momentum", "nesterov", "adamw"],
+                          help="timm's optimizers: SGD with momentum (He et al.), with Nesterov momentum, or AdamW.")
+    training.add_argument("--learning_rate", type=float, default=0.1, help="Peak learning rate.")
+    training.add_argument("--momentum", type=float, default=0.9)
+    training.add_argument("--weight_decay", type=float, default=1e-4, help="Not applied to biases and norms.")
+    training.add_argument("--label_smoothing", type=float, default=0.0)
+    training.add_argument("--max_grad_norm", type=float, default=0.0, help="0 turns clipping off.")
+    training.add_argument("--per_device_train_batch_size", type=int, default=128)
+    training.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    training.add_argument("--num_train_epochs", type=int, default=164,
+                          help="He et al.: 64k updates of 128 images, 164 epochs of CIFAR-10.")
+    training.add_argument("--max_train_steps", type=int, help="Optimizer updates; overrides --num_train_epochs.")
+    training.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"],
+                          help="Default: the `accelerate launch` configuration.")
+    training.add_argument("--seed", type=int, default=42)
+
+    schedule = parser.add_argument_group("learning-rate schedule (counted in optimizer updates)")
+    schedule.add_argument("--lr_scheduler_type", default="step", choices=["step", "cosine"])
+    schedule.add_argument("--lr_decay_milestones", type=float, nargs="+", default=[0.5, 0.75],
+                          help="step: the fractions of training after which the rate is multiplied by --lr_decay_rate.")
+    schedule.add_argument("--lr_decay_rate", type=float, default=0.1)
+    schedule.add_argument("--num_warmup_steps", type=int,
+                          help=f"First updates at --warmup_factor times the rate. Default: {DEFAULT_WARMUP_STEPS} for "
+                               f"{' and '.join(WARMUP_MODELS)} (He et al.), 0 otherwise.")
+    schedule.add_argument("--warmup_factor", type=float, default=0.1)
+
+    augmentation = parser.add_argument_group("augmentation")
+    augmentation.add_argument("--augmentation", choices=["pad_crop_flip", "timm"],
+                              help="pad_crop_flip: He et al.'s CIFAR augmentation (random crops of the image padded by "
+                                   "--crop_padding pixels, horizontal flips); timm: timm's training transform (random "
+                                   "resized crops, flips, colour jitter). Default: pad_crop_flip for models of at most "
+                                   "64x64 pixels, timm otherwise. Validation uses timm's evaluation transform, which "
+                                   "the saved image processor repeats.")
+    augmentation.add_argument("--crop_padding", type=int, default=4)
+
+    evaluation = parser.add_argument_group("evaluation (top-1 accuracy and loss on the validation images)")
+    evaluation.add_argument("--eval_steps", type=steps_or_epoch, default="epoch",
+                            help="Validate every N updates or every 'epoch', and at the end.")
+    evaluation.add_argument("--per_device_eval_batch_size", type=int, default=256)
+
+    add_output_arguments(parser)
+
+    args = parser.parse_args(argv)
+    sources = [flag for flag in ("dataset_name", "train_file", "train_dir") if getattr(args, flag)]
+    if len(sources) != 1:
+        parser.error("give one of --dataset_name, --train_file (parquet) or --train_dir (image folder)"
+                     + (f", not {' and '.join('--' + flag for flag in sources)}" if sources else ""))
+    for validation, train in (("validation_file", "train_file"), ("validation_dir", "train_dir")):
+        if getattr(args, validation) and not getattr(args, train):
+            parser.error(f"--{validation} goes with --{train}")
+    if not all(0 < fraction < 1 for fraction in args.lr_decay_milestones):
+        parser.error(f"argument --lr_decay_milestones: fractions of training between 0 and 1, "
+                     f"got {args.lr_decay_milestones}")
+    if not args.pretrained:
+        try:
+            rskip_architecture(split_model_name_tag(args.model)[0])
+        except ValueError as error:
+            parser.error(f"argument --model: {args.model} cannot take a skip connection (--skip_*): {error}")
+    check_skip_arguments(parser, args, ResNetSkipOptions)
+    if args.num_warmup_steps is None:
+        args.num_warmup_steps = DEFAULT_WARMUP_STEPS if split_model_name_tag(args.model)[0] in WARMUP_MODELS else 0
+    return args
+
+
+
+def validation_size(text: str) -> float | int:
+    """--validation_size: a fraction in (0, 1) or a whole number of images."""
+    value = float(text)
+    if 0 < value < 1:
+        return value
+    if value >= 1 and value.is_integer():
+        return int(value)
+    raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1 or a number of images, got {text!r}")
+
+
+__all__ = [
+    "run_main",
+    "command_line",
+    "steps_or_epoch",
+    "add_skip_arguments",
+    "check_skip_arguments",
+    "add_output_arguments",
+    "parse_trainer_args",
+    "parse_translation_args",
+    "parse_image_classification_args",
+    "validation_size",
+]

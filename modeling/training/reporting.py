@@ -1,0 +1,125 @@
+"""What a finished run leaves behind: results.json, the validation curves, the model card, the hardware it took, and
+the upload to the Hub. Also the trackers' hyperparameters.
+
+The output folder ends up Hub-ready::
+
+    <output_dir>/  the best model's files (save_pretrained: config, weights, custom code; the task's processor...)
+                   results.json, validation_curves.png, README.md (the model card)
+                   best_model/   the best model so far, with validation_scores.json (training state, not uploaded)
+                   checkpoints/  resumable training states (not uploaded)
+"""
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from .checkpoints import BEST_SCORES, CHECKPOINTS, write_json
+from .model_card import write_model_card
+
+BEST_MODEL = "best_model"
+# The upload to the Hub leaves out the training state and unfinished folders.
+IGNORED_BY_HUB = [f"{CHECKPOINTS}/*", f"{BEST_MODEL}/*", ".tmp-*", ".old-*"]
+
+
+def init_tracking(accelerator: Accelerator, project_name: str, settings: dict) -> None:
+    """Start the trackers chosen by `Accelerator(log_with=...)`, with the run's settings as hyperparameters
+    (converted to the scalar types TensorBoard accepts)."""
+    hyperparameters = {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+                       for key, value in settings.items()}
+    accelerator.init_trackers(project_name, config=hyperparameters)
+
+
+def describe_hardware(accelerator: Accelerator) -> str:
+    """The devices a run trained on, e.g. "2 processes on NVIDIA H100 80GB HBM3" or "1 process on 2 CPU cores
+    (x86_64), 2 threads"."""
+    processes = f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}"
+    if accelerator.device.type == "cuda":
+        return f"{processes} on {torch.cuda.get_device_name(accelerator.device)}"
+    if accelerator.device.type != "cpu":
+        return f"{processes} on {accelerator.device.type}"
+    threads = f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}"
+    return f"{processes} on {os.cpu_count()} CPU cores ({platform.machine()}), {threads} each"
+
+
+def run_results(accelerator: Accelerator, model, state, settings: dict, runtime: float, command: str) -> dict:
+    """What results.json says of a finished run besides the task's own: the parameter count, the best validation
+    scores and their step, the number of updates, the training time and the hardware it took, the validation history,
+    the settings (--hub_token left out) and the command."""
+    return {
+        "num_parameters": sum(p.numel() for p in accelerator.unwrap_model(model).parameters()),
+        "best_step": state.best["step"],
+        "validation": {key: value for key, value in state.best.items() if key != "step"},
+        "steps": state.step,
+        "train_runtime_s": round(runtime, 1),
+        "hardware": describe_hardware(accelerator),
+        "history": state.history,
+        "args": settings | {"hub_token": None},
+        "command": command,
+    }
+
+
+def plot_curves(histories: dict[str, list[dict]], metrics: list[str], path: str | Path, x: str = "step") -> Path:
+    """One panel per metric, one line per run: `histories` maps a run's label to its list of records
+    (dicts holding `x` and some of `metrics`). Saves a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
+    for axis, metric in zip(axes[0], metrics):
+        for label, records in histories.items():
+            points = [(record[x], record[metric]) for record in records if record.get(metric) is not None]
+            if points:
+                axis.plot(*zip(*points), marker="o", markersize=3, label=label)
+        axis.set_xlabel(x)
+        axis.set_title(metric)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
+def finish_output(accelerator: Accelerator, output_dir: str | Path, best_dir: Path, results: dict, curves: list[str],
+                  label: str) -> None:
+    """Make `output_dir` the Hub-ready model folder, on the main process: the files of `best_dir` (not its scores),
+    results.json, validation_curves.png (the `curves` metrics of results' history, labelled `label`) and the model
+    card."""
+    output_dir = Path(output_dir)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for path in best_dir.iterdir():
+            if path.name != BEST_SCORES:
+                (output_dir / path.name).write_bytes(path.read_bytes())
+        write_json(output_dir / "results.json", results)
+        plot_curves({label: results["history"]}, curves, output_dir / "validation_curves.png")
+        write_model_card(output_dir)
+
+
+def push_to_hub(folder: str | Path, repo_id: str, token: str | None = None,
+                ignore_patterns: list[str] | None = None, commit_message: str = "Upload trained model") -> str:
+    """Create the Hub repository `repo_id` if needed and upload `folder` (minus `ignore_patterns`); returns its URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    url = api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), ignore_patterns=ignore_patterns,
+                      commit_message=commit_message)
+    return str(url)
+
+
+__all__ = [
+    "BEST_MODEL",
+    "IGNORED_BY_HUB",
+    "init_tracking",
+    "describe_hardware",
+    "run_results",
+    "plot_curves",
+    "finish_output",
+    "push_to_hub",
+]
