@@ -51,15 +51,16 @@ def test_unreadable_files_and_folders_without_images_are_named(tmp_path):
         load("--train_dir", tmp_path / "texts")
 
 
-def test_an_unreadable_image_stops_training_naming_it(tmp_path):
+def test_an_unreadable_image_stops_the_run_before_training_naming_it(tmp_path):
     images = [image for image, _ in cifar_rows(0, 6)]
     write_image_folder(tmp_path / "train", {"cat": images[:3], "dog": images[3:]})
     (tmp_path / "train" / "dog" / "1.png").write_bytes(b"truncated")
-    with pytest.raises(TrainingError, match=r"training data: image \d cannot be read: cannot identify image file "
-                                            r"'.*train/dog/1\.png'"):
+    with pytest.raises(TrainingError, match=r"training data: .*train/dog/1\.png \(row \d\) is not a readable image "
+                                            r"\(PIL cannot identify its format\)"):
         train.main(["--train_dir", str(tmp_path / "train"), "--validation_size", "1", "--model", "preact_resnet20",
                     "--per_device_train_batch_size", "8", "--max_train_steps", "1",
                     "--output_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run" / "best_model").exists()
 
 
 def test_missing_columns_are_named_with_the_columns_there_are(tmp_path, cifar_parquet):
@@ -165,6 +166,12 @@ def test_a_checkpoint_of_another_configuration_is_refused(tmp_path, cifar_parque
     train.main(args)
     with pytest.raises(TrainingError, match=r"checkpoint .*step_2 belongs to another configuration.*\n"
                                             r"  skip_variant: None in the checkpoint, 'post_ln' now"):
+        train.main([*args, "--skip_variant", "post_ln", "--resume_from_checkpoint",
+                    str(tmp_path / "run" / "checkpoints" / "step_2")])
+    # `latest` looks only at this run's checkpoints: the folder holds another run, which is not replaced silently.
+    with pytest.raises(TrainingError, match=r"--output_dir .*run holds a finished run \(results.json\); pass "
+                                            r"--overwrite_output_dir.*\n  skip_variant: None in the checkpoint, "
+                                            r"'post_ln' now"):
         train.main([*args, "--skip_variant", "post_ln", "--resume_from_checkpoint", "latest"])
 
 

@@ -133,7 +133,8 @@ def test_checkpoints_are_complete_and_temporary_folders_gone(finished_run):
     output_dir, *_ = finished_run
     assert [path.name for path in list_checkpoints(output_dir)] == ["step_2", "step_4"]
     assert sorted(path.name for path in (output_dir / "checkpoints" / "step_4").iterdir()) == [
-        "model.safetensors", "optimizer.bin", "random_states_0.pkl", "run_state.json", "scheduler.bin", "tokenizer"]
+        "manifest.json", "model.safetensors", "optimizer.bin", "random_states_0.pkl", "run_state.json", "scheduler.bin",
+        "tokenizer"]
     assert not list(output_dir.rglob(".tmp-*")) and not list(output_dir.rglob(".old-*"))
 
 

@@ -129,7 +129,8 @@ def test_a_checkpoint_of_another_configuration_is_refused(tmp_path, data, marian
     train_translation.main(args)
     with pytest.raises(TrainingError, match=r"checkpoint .*step_2 belongs to another configuration.*\n"
                                             r"  learning_rate: 0\.0005 in the checkpoint, 0\.001 now"):
-        train_translation.main([*args, "--learning_rate", "1e-3", "--resume_from_checkpoint", "latest"])
+        train_translation.main([*args, "--learning_rate", "1e-3", "--resume_from_checkpoint",
+                                str(tmp_path / "run" / "checkpoints" / "step_2")])
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data, marian_tokenizer):

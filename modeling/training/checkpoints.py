@@ -6,11 +6,14 @@ A checkpoint is an `Accelerator.save_state` folder plus the run's `run_state.jso
                                         run_state.json  {"step", "epoch", "batches_in_epoch", "best", "history", "config"}
                                         ...and what the task adds (translation: tokenizer/)
 
-A resume checks that the checkpoint was written with the same settings (`RunState.from_checkpoint`).
+Every checkpoint ends with `manifest.json`, the size and SHA-256 of each of its files, written last: a checkpoint is
+complete and intact when its files match it. `--resume_from_checkpoint latest` takes the newest intact checkpoint of
+the same run (written with the same settings), saying which it skipped and why.
 """
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -23,7 +26,12 @@ from .errors import TrainingError
 
 CHECKPOINTS = "checkpoints"
 RUN_STATE = "run_state.json"
+MANIFEST = "manifest.json"
 BEST_SCORES = "validation_scores.json"
+BEST_MODEL = "best_model"
+# What a run writes into its output folder besides the best model's files (copied from best_model/).
+RUN_ARTEFACTS = (CHECKPOINTS, BEST_MODEL, "tokenizer", "logs", "results.json", "README.md", "validation_curves.png",
+                 "predictions_validation.txt", "predictions_test.txt")
 
 
 def settings_to_check(settings: dict, may_change: set[str], **extra) -> dict:
@@ -52,18 +60,64 @@ class RunState:
         `checkpoint` is None."""
         if checkpoint is None:
             return cls(config=config)
-        saved = json.loads((checkpoint / RUN_STATE).read_text())
-        saved_config = saved.get("config", {})
-        differences = [
-            f"{name}: {saved_config.get(name, '<unset>')!r} in the checkpoint, {config.get(name, '<unset>')!r} now"
-            for name in sorted(set(saved_config) | set(config)) if saved_config.get(name) != config.get(name)
-        ]
+        saved = read_run_state(checkpoint)
+        differences = config_differences(saved.get("config", {}), config)
         if differences:
             raise TrainingError(
                 f"checkpoint {checkpoint} belongs to another configuration; resume it with the settings it was "
                 f"written with, or start a new run. Differences:\n  " + "\n  ".join(differences)
             )
         return cls(**saved)
+
+
+def read_run_state(checkpoint: Path) -> dict:
+    """A checkpoint's run_state.json; `TrainingError` naming the file if it cannot be read."""
+    path = checkpoint / RUN_STATE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise TrainingError(f"cannot read {path}: {type(error).__name__}: {error}") from error
+
+
+def config_differences(saved: dict, config: dict) -> list[str]:
+    """The settings that differ between a checkpoint's `saved` configuration and `config`, one line each."""
+    return [f"{name}: {saved.get(name, '<unset>')!r} in the checkpoint, {config.get(name, '<unset>')!r} now"
+            for name in sorted(set(saved) | set(config)) if saved.get(name) != config.get(name)]
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Record the size and SHA-256 of every file of `folder` in its manifest.json (the checkpoint's last file)."""
+    files = sorted(path for path in folder.rglob("*") if path.is_file() and path.name != MANIFEST)
+    write_json(folder / MANIFEST, {str(path.relative_to(folder)): {"size": path.stat().st_size,
+                                                                  "sha256": file_digest(path)} for path in files})
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why `checkpoint` cannot be resumed from (no manifest, a file missing, truncated or changed), or None."""
+    manifest_path = checkpoint / MANIFEST
+    if not manifest_path.is_file():
+        return f"it has no {MANIFEST} (it was interrupted while being written, or written by an older rskip)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError as error:
+        return f"its {MANIFEST} cannot be read ({error})"
+    for name, expected in manifest.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{path} has {path.stat().st_size} bytes, {expected['size']} when it was written (truncated?)"
+        if file_digest(path) != expected["sha256"]:
+            return f"{path} differs from the file written (its SHA-256 does not match {MANIFEST})"
+    return None
 
 
 def write_json(path: str | Path, data) -> None:
@@ -111,10 +165,12 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: Run
     path = Path(output_dir) / CHECKPOINTS / f"step_{state.step}"
     with atomic_directory(accelerator, path) as temporary:
         accelerator.save_state(temporary)
+        accelerator.wait_for_everyone()  # every process's files are in, before the manifest lists them
         if accelerator.is_main_process:
             if save_extra is not None:
                 save_extra(temporary)
             write_json(temporary / RUN_STATE, dataclasses.asdict(state))
+            write_manifest(temporary)
     if accelerator.is_main_process and keep_last:
         for old in list_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old)
@@ -122,14 +178,27 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: Run
     return path
 
 
-def find_checkpoint(output_dir: str | Path, resume_from: str | None) -> Path | None:
-    """Resolve `--resume_from_checkpoint`: `latest` is the newest checkpoint of `output_dir` (None when there is
-    none yet, so a preemptible job can always pass it); anything else must be a checkpoint folder."""
+def find_checkpoint(output_dir: str | Path, resume_from: str | None, config: dict,
+                    report=print) -> Path | None:
+    """Resolve `--resume_from_checkpoint`. `latest` is the newest intact checkpoint of `output_dir` written with
+    `config` (None when there is none, so a preemptible job can always pass it); each one passed over is reported
+    with the reason. Anything else must be an intact checkpoint folder."""
     if not resume_from:
         return None
     if resume_from == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+        for checkpoint in reversed(list_checkpoints(output_dir)):
+            try:
+                other_run = config_differences(read_run_state(checkpoint).get("config", {}), config)
+            except TrainingError as error:
+                report(f"Skipping checkpoint {checkpoint}: {error}")
+                continue
+            if other_run:
+                continue  # another run's: `check_output_dir` decides whether the folder may be reused
+            problem = checkpoint_problem(checkpoint)
+            if problem is None:
+                return checkpoint
+            report(f"Skipping checkpoint {checkpoint}: {problem}")
+        return None
     path = Path(resume_from)
     if not path.is_dir():
         raise TrainingError(f"--resume_from_checkpoint {path}: no such folder")
@@ -138,14 +207,49 @@ def find_checkpoint(output_dir: str | Path, resume_from: str | None) -> Path | N
             f"--resume_from_checkpoint {path} is not a checkpoint of this project (it has no {RUN_STATE}); "
             f"checkpoints are the folders {CHECKPOINTS}/step_<N> inside a run's output folder"
         )
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise TrainingError(f"--resume_from_checkpoint {path} cannot be resumed from: {problem}")
     return path
+
+
+def check_output_dir(output_dir: str | Path, checkpoint: Path | None, config: dict, overwrite: bool) -> None:
+    """Refuse to start a new run (`checkpoint` None) in a folder that holds another one (a finished run's
+    results.json, or checkpoints of other settings) unless `overwrite`, which then deletes that run's files."""
+    output_dir = Path(output_dir)
+    if checkpoint is not None or not output_dir.is_dir():
+        return
+    finished = (output_dir / "results.json").is_file()
+    checkpoints = list_checkpoints(output_dir)
+    if not (finished or checkpoints):
+        return  # empty, or the leftovers of a run stopped before its first checkpoint: replaced as it goes
+    if not overwrite:
+        found = "a finished run (results.json)" if finished else f"{len(checkpoints)} checkpoints of another run"
+        differences = []
+        if checkpoints:
+            with contextlib.suppress(TrainingError):
+                differences = config_differences(read_run_state(checkpoints[-1]).get("config", {}), config)
+        raise TrainingError(
+            f"--output_dir {output_dir} holds {found}; pass --overwrite_output_dir to replace it, "
+            f"--resume_from_checkpoint to continue it, or choose another folder"
+            + ("; its settings differ from this run's:\n  " + "\n  ".join(differences) if differences else ""))
+    best_files = [path.name for path in (output_dir / BEST_MODEL).iterdir()] if (output_dir / BEST_MODEL).is_dir() else []
+    for name in (*RUN_ARTEFACTS, *best_files):
+        path = output_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def resume(accelerator: Accelerator, checkpoint: Path, state: RunState, best_dir: Path) -> None:
     """Load the weights, optimizer, schedule and RNG states of `checkpoint` (`state` holds the rest). When `best_dir`
     does not hold the checkpoint's best model (the run stopped between a new best and its checkpoint, or resumes into
     another folder), the best is tracked anew."""
-    accelerator.load_state(str(checkpoint))
+    try:
+        accelerator.load_state(str(checkpoint))
+    except Exception as error:  # noqa: BLE001 -- any failure to load is the checkpoint's, named as such
+        raise TrainingError(f"cannot resume from {checkpoint}: {type(error).__name__}: {error}") from error
     accelerator.print(f"Resumed from {checkpoint}: step {state.step}, epoch {state.epoch}, "
                       f"{state.batches_in_epoch} batches into it")
     saved_best = best_dir / BEST_SCORES
@@ -177,14 +281,18 @@ def save_best_model(accelerator: Accelerator, model, best_dir: Path, best: dict,
 __all__ = [
     "CHECKPOINTS",
     "RUN_STATE",
+    "MANIFEST",
     "BEST_SCORES",
+    "BEST_MODEL",
     "settings_to_check",
     "RunState",
     "write_json",
     "atomic_directory",
     "list_checkpoints",
     "save_checkpoint",
+    "checkpoint_problem",
     "find_checkpoint",
+    "check_output_dir",
     "resume",
     "save_best_model",
 ]

@@ -12,9 +12,13 @@ after parsing, so that a bad value stops the run before any work with one messag
 
 import argparse
 import dataclasses
+import math
+import os
 import shlex
+import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from sacrebleu.metrics import BLEU
 from timm.models import split_model_name_tag
@@ -23,6 +27,7 @@ from transformers import HfArgumentParser
 from ..skip_options import ConfigFieldError, ResNetSkipOptions, SkipOptions
 from ..timm_resnets import rskip_architecture
 from .errors import TrainingError
+from .signals import RunStopped
 from .image_classification import DEFAULT_WARMUP_STEPS, IMAGE_COLUMNS, LABEL_COLUMNS, WARMUP_MODELS
 from .translation import MODEL_PRESETS
 
@@ -35,18 +40,79 @@ IMAGE_CLASSIFICATION_DESCRIPTION = TRANSLATION_DESCRIPTION.replace("a translatio
 
 
 def run_main(main: Callable[[], object]) -> None:
-    """Call `main()`; a `TrainingError` exits with status 1 and `error: <message>` instead of a traceback."""
+    """Call `main()`, turning the ways a run ends early into one line and the conventional exit status instead of a
+    traceback: a `TrainingError` prints `error: <message>` (on the main process only) and exits with 1; a run
+    stopped by a signal exits with 128 + its number (143 for SIGTERM, 130 for SIGINT); a second Ctrl-C exits with
+    130."""
     try:
         main()
     except TrainingError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, every process raises the same error
+            print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except RunStopped as stop:
+        sys.exit(stop.exit_status)
+    except KeyboardInterrupt:
+        print("Interrupted: stopped at once, without saving a checkpoint", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+
+
+# Flags whose values are secrets: never written to results, cards, trackers or logs.
+SECRET_FLAGS = ("--hub_token",)
+REDACTED = "<redacted>"
 
 
 def command_line(script: str, argv: list[str] | None) -> str:
-    """The command that ran `main(argv)`, for results.json and model cards: as typed (`sys.argv`) when `argv` is None,
-    else `script` followed by `argv` (a call from Python, as in the tests)."""
-    return shlex.join(sys.argv if argv is None else [script, *argv])
+    """The command that ran `main(argv)`, for results.json and model cards, with secrets redacted: as typed
+    (`sys.argv`) when `argv` is None, else `script` followed by `argv` (a call from Python, as in the tests)."""
+    words = list(sys.argv if argv is None else [script, *argv])
+    for index, word in enumerate(words):
+        for flag in SECRET_FLAGS:
+            if word == flag and index + 1 < len(words):
+                words[index + 1] = REDACTED
+            elif word.startswith(flag + "="):
+                words[index] = f"{flag}={REDACTED}"
+    return shlex.join(words)
+
+
+def bounded(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False,
+            high_open: bool = False) -> Callable[[str], float]:
+    """An argparse `type` for a finite int or float in a range, whose error says what is allowed."""
+    name = "an integer" if kind is int else "a number"
+    limits = [f"{'>' if low_open else '>='} {low}" if low is not None else "",
+              f"{'<' if high_open else '<='} {high}" if high is not None else ""]
+    allowed = f"{name} {' and '.join(limit for limit in limits if limit)}".strip()
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}") from None
+        if not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) or (
+                high is not None and (value >= high if high_open else value > high)):
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
+        return value
+
+    parse.__name__ = allowed
+    return parse
+
+
+COUNT = bounded(int, 1)  # sizes, steps, limits: at least one
+NON_NEGATIVE_INT = bounded(int, 0)
+POSITIVE = bounded(float, 0, low_open=True)
+NON_NEGATIVE = bounded(float, 0)
+FRACTION = bounded(float, 0, 1, high_open=True)  # momentum, betas, label smoothing
+WARMUP_FACTOR = bounded(float, 0, 1, low_open=True)
+# SentencePiece needs room for the special tokens and the characters of the data; smaller sizes are refused early.
+VOCAB_SIZE = bounded(int, 16)
+SEED = bounded(int, 0, 2**32 - 1)
+
+
+def output_folder(text: str) -> str:
+    """--output_dir: a folder, existing or not, but not a file."""
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file; expected a folder (existing or not)")
+    return text
 
 
 def steps_or_epoch(text: str) -> int | str:
@@ -88,19 +154,23 @@ def check_skip_arguments(parser: argparse.ArgumentParser, args: argparse.Namespa
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of a script's last two groups: checkpoints and output, logging and the Hub."""
     output = parser.add_argument_group("checkpoints and output")
-    output.add_argument("--output_dir", required=True)
+    output.add_argument("--output_dir", type=output_folder, required=True)
     output.add_argument("--checkpointing_steps", type=steps_or_epoch,
                         help="Save a resumable state every N updates, or 'epoch'; and at the end of training.")
-    output.add_argument("--checkpoints_total_limit", type=int, help="Keep only the newest N checkpoints.")
+    output.add_argument("--checkpoints_total_limit", type=COUNT, help="Keep only the newest N checkpoints.")
     output.add_argument("--resume_from_checkpoint",
-                        help="A checkpoint folder, or 'latest' (the newest in --output_dir, if any).")
+                        help="A checkpoint folder, or 'latest' (the newest intact checkpoint of this run in "
+                             "--output_dir, if any).")
+    output.add_argument("--overwrite_output_dir", action="store_true",
+                        help="Start a new run in an --output_dir that holds another one, deleting that run's files.")
 
     logging = parser.add_argument_group("logging and the Hub")
     logging.add_argument("--with_tracking", action="store_true")
     logging.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "trackio", "wandb", "all"])
     logging.add_argument("--push_to_hub", action="store_true")
     logging.add_argument("--hub_model_id", help="Defaults to the name of --output_dir.")
-    logging.add_argument("--hub_token")
+    logging.add_argument("--hub_token", help="Better: the HF_TOKEN environment variable or `hf auth login`. "
+                                             "Never written to results, model cards or trackers.")
 
 
 def parse_trainer_args(arguments_class, parse_args: Callable, argv: list[str] | None = None) -> tuple:
@@ -130,18 +200,18 @@ def parse_translation_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--test_split_name", default="test")
     data.add_argument("--source_lang", required=True)
     data.add_argument("--target_lang", required=True)
-    data.add_argument("--max_source_length", type=int, default=256, help="Longer sources are truncated.")
-    data.add_argument("--max_target_length", type=int, default=256, help="Longer targets are truncated.")
-    data.add_argument("--max_train_samples", type=int)
-    data.add_argument("--max_eval_samples", type=int)
-    data.add_argument("--max_predict_samples", type=int)
+    data.add_argument("--max_source_length", type=COUNT, default=256, help="Longer sources are truncated.")
+    data.add_argument("--max_target_length", type=COUNT, default=256, help="Longer targets are truncated.")
+    data.add_argument("--max_train_samples", type=COUNT)
+    data.add_argument("--max_eval_samples", type=COUNT)
+    data.add_argument("--max_predict_samples", type=COUNT)
     data.add_argument("--drop_empty_pairs", action="store_true",
                       help="Drop pairs with an empty side instead of stopping with an error.")
-    data.add_argument("--preprocessing_num_workers", type=int)
+    data.add_argument("--preprocessing_num_workers", type=COUNT)
 
     tokenizer = parser.add_argument_group("tokenizer (trained on the training data when none is given)")
     tokenizer.add_argument("--tokenizer_name", help="Defaults to --model_name_or_path.")
-    tokenizer.add_argument("--vocab_size", type=int, default=8000)
+    tokenizer.add_argument("--vocab_size", type=VOCAB_SIZE, default=8000)
     vocab = tokenizer.add_mutually_exclusive_group()
     vocab.add_argument("--joint_vocab", dest="joint_vocab", action="store_true", default=True,
                        help="One SentencePiece model for both languages (Vaswani et al.).")
@@ -156,34 +226,34 @@ def parse_translation_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                      "--model_name_or_path")
 
     training = parser.add_argument_group("optimisation")
-    training.add_argument("--learning_rate", type=float, default=5e-4, help="Peak learning rate.")
-    training.add_argument("--adam_beta1", type=float, default=0.9)
-    training.add_argument("--adam_beta2", type=float, default=0.98)
-    training.add_argument("--adam_epsilon", type=float, default=1e-9)
-    training.add_argument("--weight_decay", type=float, default=0.0, help="Not applied to biases and norms.")
+    training.add_argument("--learning_rate", type=NON_NEGATIVE, default=5e-4, help="Peak learning rate.")
+    training.add_argument("--adam_beta1", type=FRACTION, default=0.9)
+    training.add_argument("--adam_beta2", type=FRACTION, default=0.98)
+    training.add_argument("--adam_epsilon", type=POSITIVE, default=1e-9)
+    training.add_argument("--weight_decay", type=NON_NEGATIVE, default=0.0, help="Not applied to biases and norms.")
     training.add_argument("--lr_scheduler_type", default="inverse_sqrt",
                           choices=["inverse_sqrt", "linear", "cosine", "constant_with_warmup"])
-    training.add_argument("--num_warmup_steps", type=int, default=4000)
-    training.add_argument("--label_smoothing", type=float, default=0.1)
-    training.add_argument("--max_grad_norm", type=float, default=1.0, help="0 turns clipping off.")
+    training.add_argument("--num_warmup_steps", type=NON_NEGATIVE_INT, default=4000)
+    training.add_argument("--label_smoothing", type=FRACTION, default=0.1)
+    training.add_argument("--max_grad_norm", type=NON_NEGATIVE, default=1.0, help="0 turns clipping off.")
     batching = training.add_mutually_exclusive_group()
-    batching.add_argument("--max_tokens", type=int,
+    batching.add_argument("--max_tokens", type=COUNT,
                           help="Token-based batches of similar lengths: at most this many padded tokens per "
                                "device and micro-batch (the default, 4096, when neither option is given).")
-    batching.add_argument("--per_device_train_batch_size", type=int, help="Sentence-based random batches.")
-    training.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    training.add_argument("--num_train_epochs", type=int, default=10)
-    training.add_argument("--max_train_steps", type=int, help="Optimizer updates; overrides --num_train_epochs.")
+    batching.add_argument("--per_device_train_batch_size", type=COUNT, help="Sentence-based random batches.")
+    training.add_argument("--gradient_accumulation_steps", type=COUNT, default=1)
+    training.add_argument("--num_train_epochs", type=COUNT, default=10)
+    training.add_argument("--max_train_steps", type=COUNT, help="Optimizer updates; overrides --num_train_epochs.")
     training.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"],
                           help="Default: the `accelerate launch` configuration.")
-    training.add_argument("--seed", type=int, default=42)
+    training.add_argument("--seed", type=SEED, default=42)
 
     evaluation = parser.add_argument_group("evaluation (beam search, sacreBLEU and chrF)")
     evaluation.add_argument("--eval_steps", type=steps_or_epoch, default=1000,
                             help="Validate every N updates or every 'epoch', and at the end.")
-    evaluation.add_argument("--per_device_eval_batch_size", type=int, default=64)
-    evaluation.add_argument("--num_beams", type=int, default=4)
-    evaluation.add_argument("--val_max_target_length", type=int,
+    evaluation.add_argument("--per_device_eval_batch_size", type=COUNT, default=64)
+    evaluation.add_argument("--num_beams", type=COUNT, default=4)
+    evaluation.add_argument("--val_max_target_length", type=COUNT,
                             help="Most tokens generated per sentence; defaults to --max_target_length.")
     evaluation.add_argument("--bleu_tokenize", default="13a", choices=list(BLEU.TOKENIZERS),
                             help="sacreBLEU's tokenizer: 13a (its default), intl, char (for one-word outputs), zh...")
@@ -230,10 +300,10 @@ def parse_image_classification_args(argv: list[str] | None = None) -> argparse.N
                            "a number of images or a fraction (0.1 of CIFAR-10's 50,000 images is its last 5,000).")
     data.add_argument("--image_column", help=f"Default: {' or '.join(IMAGE_COLUMNS)}, else the one Image column.")
     data.add_argument("--label_column", help=f"Default: {' or '.join(LABEL_COLUMNS)}, else the one ClassLabel column.")
-    data.add_argument("--num_labels", type=int, help="The number of classes the training data must have (a check).")
-    data.add_argument("--max_train_samples", type=int, help="Train on the first N training images.")
-    data.add_argument("--max_eval_samples", type=int, help="Validate on the first N validation images.")
-    data.add_argument("--dataloader_num_workers", type=int, default=0,
+    data.add_argument("--num_labels", type=COUNT, help="The number of classes the training data must have (a check).")
+    data.add_argument("--max_train_samples", type=COUNT, help="Train on the first N training images.")
+    data.add_argument("--max_eval_samples", type=COUNT, help="Validate on the first N validation images.")
+    data.add_argument("--dataloader_num_workers", type=NON_NEGATIVE_INT, default=0,
                       help="Processes decoding and augmenting images (e.g. 8 per GPU); 0: the training process.")
 
     model = parser.add_argument_group("model")
@@ -249,29 +319,29 @@ def parse_image_classification_args(argv: list[str] | None = None) -> argparse.N
     training = parser.add_argument_group("optimisation")
     training.add_argument("--optimizer", default="momentum", choices=["momentum", "nesterov", "adamw"],
                           help="timm's optimizers: SGD with momentum (He et al.), with Nesterov momentum, or AdamW.")
-    training.add_argument("--learning_rate", type=float, default=0.1, help="Peak learning rate.")
-    training.add_argument("--momentum", type=float, default=0.9)
-    training.add_argument("--weight_decay", type=float, default=1e-4, help="Not applied to biases and norms.")
-    training.add_argument("--label_smoothing", type=float, default=0.0)
-    training.add_argument("--max_grad_norm", type=float, default=0.0, help="0 turns clipping off.")
-    training.add_argument("--per_device_train_batch_size", type=int, default=128)
-    training.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    training.add_argument("--num_train_epochs", type=int, default=164,
+    training.add_argument("--learning_rate", type=NON_NEGATIVE, default=0.1, help="Peak learning rate.")
+    training.add_argument("--momentum", type=FRACTION, default=0.9)
+    training.add_argument("--weight_decay", type=NON_NEGATIVE, default=1e-4, help="Not applied to biases and norms.")
+    training.add_argument("--label_smoothing", type=FRACTION, default=0.0)
+    training.add_argument("--max_grad_norm", type=NON_NEGATIVE, default=0.0, help="0 turns clipping off.")
+    training.add_argument("--per_device_train_batch_size", type=COUNT, default=128)
+    training.add_argument("--gradient_accumulation_steps", type=COUNT, default=1)
+    training.add_argument("--num_train_epochs", type=COUNT, default=164,
                           help="He et al.: 64k updates of 128 images, 164 epochs of CIFAR-10.")
-    training.add_argument("--max_train_steps", type=int, help="Optimizer updates; overrides --num_train_epochs.")
+    training.add_argument("--max_train_steps", type=COUNT, help="Optimizer updates; overrides --num_train_epochs.")
     training.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"],
                           help="Default: the `accelerate launch` configuration.")
-    training.add_argument("--seed", type=int, default=42)
+    training.add_argument("--seed", type=SEED, default=42)
 
     schedule = parser.add_argument_group("learning-rate schedule (counted in optimizer updates)")
     schedule.add_argument("--lr_scheduler_type", default="step", choices=["step", "cosine"])
     schedule.add_argument("--lr_decay_milestones", type=float, nargs="+", default=[0.5, 0.75],
                           help="step: the fractions of training after which the rate is multiplied by --lr_decay_rate.")
-    schedule.add_argument("--lr_decay_rate", type=float, default=0.1)
-    schedule.add_argument("--num_warmup_steps", type=int,
+    schedule.add_argument("--lr_decay_rate", type=POSITIVE, default=0.1)
+    schedule.add_argument("--num_warmup_steps", type=NON_NEGATIVE_INT,
                           help=f"First updates at --warmup_factor times the rate. Default: {DEFAULT_WARMUP_STEPS} for "
                                f"{' and '.join(WARMUP_MODELS)} (He et al.), 0 otherwise.")
-    schedule.add_argument("--warmup_factor", type=float, default=0.1)
+    schedule.add_argument("--warmup_factor", type=WARMUP_FACTOR, default=0.1)
 
     augmentation = parser.add_argument_group("augmentation")
     augmentation.add_argument("--augmentation", choices=["pad_crop_flip", "timm"],
@@ -280,12 +350,12 @@ def parse_image_classification_args(argv: list[str] | None = None) -> argparse.N
                                    "resized crops, flips, colour jitter). Default: pad_crop_flip for models of at most "
                                    "64x64 pixels, timm otherwise. Validation uses timm's evaluation transform, which "
                                    "the saved image processor repeats.")
-    augmentation.add_argument("--crop_padding", type=int, default=4)
+    augmentation.add_argument("--crop_padding", type=NON_NEGATIVE_INT, default=4)
 
     evaluation = parser.add_argument_group("evaluation (top-1 accuracy and loss on the validation images)")
     evaluation.add_argument("--eval_steps", type=steps_or_epoch, default="epoch",
                             help="Validate every N updates or every 'epoch', and at the end.")
-    evaluation.add_argument("--per_device_eval_batch_size", type=int, default=256)
+    evaluation.add_argument("--per_device_eval_batch_size", type=COUNT, default=256)
 
     add_output_arguments(parser)
 

@@ -13,6 +13,7 @@ parsed command line (`rskip.training.cli`).
 """
 
 import contextlib
+import io
 import math
 import random
 from pathlib import Path
@@ -22,6 +23,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+import PIL.Image
 from datasets import ClassLabel, Dataset, DatasetDict, Image, load_dataset
 from timm.data import create_transform, resolve_data_config
 from timm.data.transforms import str_to_interp_mode
@@ -37,7 +39,7 @@ from ..modeling_rskip_resnet import RSkipResNetForImageClassification
 from ..skip_options import ResNetSkipOptions
 from ..timm_resnets import rskip_architecture
 from .data import read_data_file
-from .errors import TrainingError
+from .errors import TrainingError, main_process_first
 from .loop import TrainingTask
 
 # The column names tried first when --image_column / --label_column are not given.
@@ -86,7 +88,38 @@ def load_raw_datasets(args) -> DatasetDict:
         train = train.select(range(min(args.max_train_samples, len(train))))
     if args.max_eval_samples is not None:
         validation = validation.select(range(min(args.max_eval_samples, len(validation))))
+    # Before any training: every validation image decodes, every training image has a readable header.
+    check_images(validation, "validation data", decode=True)
+    check_images(train, "training data", decode=False)
     return DatasetDict(train=train, validation=validation)
+
+
+def check_images(images: Dataset, where: str, decode: bool) -> None:
+    """Every image of `images` can be read: all of it with `decode` (cheap for a validation split), else its header.
+    The first that cannot raises `TrainingError` naming its file, or its row when it has none."""
+    if not len(images):
+        raise TrainingError(f"{where} has no images")
+    encoded = images.cast_column("image", Image(decode=False))
+    for start in range(0, len(encoded), 1024):
+        for offset, item in enumerate(encoded[start:start + 1024]["image"]):
+            try:
+                with PIL.Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as image:
+                    if decode:
+                        image.load()
+            except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
+                raise TrainingError(f"{where}: {describe_row(item, start + offset)} is not a readable image "
+                                    f"({describe_image_error(error)})") from error
+
+
+def describe_row(item: dict, index: int) -> str:
+    return f"{item['path']} (row {index})" if item.get("path") else f"row {index}"
+
+
+def describe_image_error(error: Exception) -> str:
+    """PIL's message without the in-memory file object it names (`<_io.BytesIO object at 0x...>`)."""
+    if isinstance(error, PIL.UnidentifiedImageError):
+        return "PIL cannot identify its format"
+    return f"{type(error).__name__}: {error}"
 
 
 def read_images(path: str, folder: bool) -> Dataset:
@@ -225,7 +258,8 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
             row = self.images[index]
             image = row["image"].convert("RGB")  # grayscale, palette, RGBA, CMYK...: the models take 3 channels
         except OSError as error:
-            raise TrainingError(f"{self.where}: image {index} cannot be read: {error}") from error
+            raise TrainingError(f"{self.where}: row {index} is not a readable image "
+                                f"({describe_image_error(error)})") from error
         with contextlib.nullcontext() if self.seed is None else seeded(derived_seed(self.seed, self.epoch, index)):
             pixel_values = self.transform(image)
         return {"pixel_values": pixel_values, "labels": row["label"]}
@@ -319,8 +353,7 @@ class ImageClassificationTask(TrainingTask):
         return f"{self.args.per_device_train_batch_size} images"
 
     def load_data(self, accelerator, checkpoint):
-        with accelerator.main_process_first():
-            self.raw = load_raw_datasets(self.args)
+        self.raw = main_process_first(accelerator, lambda: load_raw_datasets(self.args))
         self.class_names = self.raw["train"].features["label"].names
 
     def build_model(self):

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
+import signal
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -23,7 +24,9 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from .checkpoints import (
+    BEST_MODEL,
     RunState,
+    check_output_dir,
     find_checkpoint,
     list_checkpoints,
     resume,
@@ -32,12 +35,13 @@ from .checkpoints import (
     settings_to_check,
 )
 from .errors import TrainingError
-from .reporting import BEST_MODEL, IGNORED_BY_HUB, finish_output, init_tracking, push_to_hub, run_results
+from .reporting import IGNORED_BY_HUB, finish_output, init_tracking, push_to_hub, run_results
+from .signals import RunStopped, StopSignals
 
 # Settings a run may be resumed with other values for: where it writes, how often it evaluates and saves, logging.
 MAY_CHANGE_ON_RESUME = {
     "output_dir", "resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit", "eval_steps",
-    "with_tracking", "report_to", "push_to_hub", "hub_model_id", "hub_token",
+    "with_tracking", "report_to", "push_to_hub", "hub_model_id", "hub_token", "overwrite_output_dir",
 }
 
 
@@ -58,6 +62,7 @@ class TrainingConfig:
     checkpointing_steps: int | str | None = None
     checkpoints_total_limit: int | None = None
     resume_from_checkpoint: str | None = None
+    overwrite_output_dir: bool = False
     with_tracking: bool = False
     report_to: str = "tensorboard"
     push_to_hub: bool = False
@@ -65,11 +70,27 @@ class TrainingConfig:
     hub_token: str | None = None
 
     def __post_init__(self):
-        for name in ("eval_steps", "checkpointing_steps"):
-            value = getattr(self, name)
-            if not (value == "epoch" or (value is None and name == "checkpointing_steps")
-                    or (isinstance(value, int) and not isinstance(value, bool) and value > 0)):
-                raise ValueError(f"{name}={value!r}: expected a number of updates > 0 or 'epoch'")
+        def check(name: str, valid: bool, allowed: str):
+            if not valid:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; allowed: {allowed}")
+
+        def is_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        for name in ("num_train_epochs", "gradient_accumulation_steps"):
+            check(name, is_int(getattr(self, name)) and getattr(self, name) >= 1, "an integer >= 1")
+        check("max_train_steps", self.max_train_steps is None or (is_int(self.max_train_steps)
+                                                                  and self.max_train_steps >= 1),
+              "None or an integer >= 1")
+        check("checkpoints_total_limit", self.checkpoints_total_limit is None or (
+            is_int(self.checkpoints_total_limit) and self.checkpoints_total_limit >= 1), "None or an integer >= 1")
+        check("num_warmup_steps", is_int(self.num_warmup_steps) and self.num_warmup_steps >= 0, "an integer >= 0")
+        check("max_grad_norm", isinstance(self.max_grad_norm, (int, float)) and math.isfinite(self.max_grad_norm)
+              and self.max_grad_norm >= 0, "a number >= 0 (0: no clipping)")
+        check("eval_steps", self.eval_steps == "epoch" or (is_int(self.eval_steps) and self.eval_steps >= 1),
+              "an integer >= 1 or 'epoch'")
+        check("checkpointing_steps", self.checkpointing_steps in (None, "epoch") or (
+            is_int(self.checkpointing_steps) and self.checkpointing_steps >= 1), "None, an integer >= 1 or 'epoch'")
 
     @classmethod
     def from_args(cls, args) -> "TrainingConfig":
@@ -139,124 +160,136 @@ def train(task: TrainingTask, config: TrainingConfig, command: str) -> dict:
     """Train `task`'s model as `config` says, from scratch or from a checkpoint, and make `config.output_dir` the
     Hub-ready folder of the best model; returns what results.json records. `command` is the command line, for the
     record."""
-    # Accelerator, resume point and seed
-    output_dir = Path(config.output_dir)
-    accelerator = create_accelerator(config)
-    checkpoint = find_checkpoint(output_dir, config.resume_from_checkpoint)
-    settings = vars(task.args)
-    state = RunState.from_checkpoint(checkpoint, settings_to_check(
-        settings, MAY_CHANGE_ON_RESUME | task.may_change_on_resume, num_processes=accelerator.num_processes))
-    set_seed(config.seed)
+    with StopSignals() as signals:  # SIGTERM, SIGINT: stop after the current update, with a checkpoint
+        # Accelerator, resume point and seed
+        output_dir = Path(config.output_dir)
+        accelerator = create_accelerator(config)
+        settings = vars(task.args)
+        run_config = settings_to_check(settings, MAY_CHANGE_ON_RESUME | task.may_change_on_resume,
+                                       num_processes=accelerator.num_processes)
+        checkpoint = find_checkpoint(output_dir, config.resume_from_checkpoint, run_config, report=accelerator.print)
+        if accelerator.is_main_process:
+            check_output_dir(output_dir, checkpoint, run_config, config.overwrite_output_dir)
+        state = RunState.from_checkpoint(checkpoint, run_config)
+        set_seed(config.seed)
 
-    # Data and model
-    task.load_data(accelerator, checkpoint)
-    model = task.build_model()
-    train_dataloader, eval_dataloaders = task.create_dataloaders(model, accelerator)
+        # Data and model
+        task.load_data(accelerator, checkpoint)
+        model = task.build_model()
+        train_dataloader, eval_dataloaders = task.create_dataloaders(model, accelerator)
 
-    # Optimizer and schedule, counted in optimizer updates
-    optimizer = task.create_optimizer(model)
-    updates_per_epoch = math.ceil(math.ceil(len(train_dataloader) / accelerator.num_processes)
-                                  / config.gradient_accumulation_steps)
-    max_train_steps = config.max_train_steps or config.num_train_epochs * updates_per_epoch
-    if config.num_warmup_steps > max_train_steps:
-        warnings.warn(f"num_warmup_steps={config.num_warmup_steps} exceeds the {max_train_steps} updates of this run: "
-                      f"the learning rate never reaches its peak (see --num_warmup_steps)", stacklevel=2)
-    lr_scheduler = task.create_scheduler(optimizer, max_train_steps)
-    summary = task.summary(model)
+        # Optimizer and schedule, counted in optimizer updates
+        optimizer = task.create_optimizer(model)
+        updates_per_epoch = math.ceil(math.ceil(len(train_dataloader) / accelerator.num_processes)
+                                      / config.gradient_accumulation_steps)
+        max_train_steps = config.max_train_steps or config.num_train_epochs * updates_per_epoch
+        if config.num_warmup_steps > max_train_steps:
+            warnings.warn(f"num_warmup_steps={config.num_warmup_steps} exceeds the {max_train_steps} updates of this run: "
+                          f"the learning rate never reaches its peak (see --num_warmup_steps)", stacklevel=2)
+        lr_scheduler = task.create_scheduler(optimizer, max_train_steps)
+        summary = task.summary(model)
 
-    model, optimizer, train_dataloader, lr_scheduler, *prepared = accelerator.prepare(
-        model, optimizer, train_dataloader, lr_scheduler, *eval_dataloaders.values())
-    eval_dataloaders = dict(zip(eval_dataloaders, prepared))
-    if config.with_tracking:
-        init_tracking(accelerator, task.name, settings)
+        model, optimizer, train_dataloader, lr_scheduler, *prepared = accelerator.prepare(
+            model, optimizer, train_dataloader, lr_scheduler, *eval_dataloaders.values())
+        eval_dataloaders = dict(zip(eval_dataloaders, prepared))
+        if config.with_tracking:
+            init_tracking(accelerator, task.name, settings)
 
-    # Resume: weights, optimizer, schedule and RNG from the checkpoint; the data position is in `state`.
-    best_dir = output_dir / BEST_MODEL
-    if checkpoint:
-        resume(accelerator, checkpoint, state, best_dir)
-    accelerator.print(
-        f"{summary}\n{updates_per_epoch} updates per epoch of {task.batch_description} x "
-        f"{accelerator.num_processes} processes x {config.gradient_accumulation_steps} accumulation; "
-        f"{max_train_steps} updates ({math.ceil(max_train_steps / updates_per_epoch)} epochs), "
-        f"{config.num_warmup_steps} warmup updates, mixed precision {accelerator.mixed_precision}"
-    )
+        # Resume: weights, optimizer, schedule and RNG from the checkpoint; the data position is in `state`.
+        best_dir = output_dir / BEST_MODEL
+        if checkpoint:
+            resume(accelerator, checkpoint, state, best_dir)
+        accelerator.print(
+            f"{summary}\n{updates_per_epoch} updates per epoch of {task.batch_description} x "
+            f"{accelerator.num_processes} processes x {config.gradient_accumulation_steps} accumulation; "
+            f"{max_train_steps} updates ({math.ceil(max_train_steps / updates_per_epoch)} epochs), "
+            f"{config.num_warmup_steps} warmup updates, mixed precision {accelerator.mixed_precision}"
+        )
 
-    def validate():
-        scores, files = task.evaluate(model, eval_dataloaders["validation"], accelerator, "validation")
-        record = {"step": state.step, "epoch": round(state.step / updates_per_epoch, 2),
-                  **{name: scores[name] for name in task.history_metrics}}
-        state.history.append(record)
-        accelerator.log({f"validation/{name}": scores[name] for name in task.history_metrics}, step=state.step)
-        improved = state.best is None or task.is_better(scores, state.best)
-        accelerator.print(f"step {state.step} (epoch {record['epoch']:.2f}): validation "
-                          f"{task.describe_scores(scores)}{' (best so far)' if improved else ''}")
-        if improved:
-            state.best = {"step": state.step, **scores}
-            save_best_model(accelerator, model, best_dir, state.best, task.processor, files)
+        def validate():
+            scores, files = task.evaluate(model, eval_dataloaders["validation"], accelerator, "validation")
+            record = {"step": state.step, "epoch": round(state.step / updates_per_epoch, 2),
+                      **{name: scores[name] for name in task.history_metrics}}
+            state.history.append(record)
+            accelerator.log({f"validation/{name}": scores[name] for name in task.history_metrics}, step=state.step)
+            improved = state.best is None or task.is_better(scores, state.best)
+            accelerator.print(f"step {state.step} (epoch {record['epoch']:.2f}): validation "
+                              f"{task.describe_scores(scores)}{' (best so far)' if improved else ''}")
+            if improved:
+                state.best = {"step": state.step, **scores}
+                save_best_model(accelerator, model, best_dir, state.best, task.processor, files)
 
-    def checkpoint_now():
-        save_checkpoint(accelerator, output_dir, state, keep_last=config.checkpoints_total_limit,
-                        save_extra=task.save_to_checkpoint)
+        def checkpoint_now() -> Path:
+            return save_checkpoint(accelerator, output_dir, state, keep_last=config.checkpoints_total_limit,
+                                   save_extra=task.save_to_checkpoint)
 
-    # Training
-    start_time = time.time()
-    if state.batches_in_epoch >= len(train_dataloader):  # checkpointed after the last batch of an epoch
-        state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-    model.train()
-    with tqdm(total=max_train_steps, initial=state.step, desc="training",
-              disable=not accelerator.is_local_main_process) as progress:  # closed before any error message
-        while state.step < max_train_steps:
-            train_dataloader.set_epoch(state.epoch)
-            task.set_epoch(state.epoch)  # Accelerate passes the epoch on only to what it wraps: the task sets the rest
-            epoch_batches = (accelerator.skip_first_batches(train_dataloader, state.batches_in_epoch)
-                             if state.batches_in_epoch else train_dataloader)
-            for micro_batches in grouped(epoch_batches, config.gradient_accumulation_steps):
-                train_loss, num_items = accumulate_gradients(accelerator, model, micro_batches, task.batch_loss)
-                check_finite_loss(train_loss, state.step + 1, output_dir)
-                grad_norm = (accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                             if config.max_grad_norm else None)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-                state.step += 1
-                state.batches_in_epoch += len(micro_batches)
-                progress.update(1)
-                progress.set_postfix(loss=f"{train_loss:.3f}", epoch=state.epoch)
-                accelerator.log({"train/loss": train_loss, "train/learning_rate": lr_scheduler.get_last_lr()[0],
-                                 f"train/{task.count_name}": num_items, "train/epoch": state.epoch,
-                                 **({"train/grad_norm": grad_norm.item()} if grad_norm is not None else {})},
-                                step=state.step)
-                done = state.step >= max_train_steps
-                if done or is_due(config.eval_steps, state.step):
-                    validate()
-                if config.checkpointing_steps and (done or is_due(config.checkpointing_steps, state.step)):
-                    checkpoint_now()
-                if done:
-                    break
-            else:
-                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-                if state.step < max_train_steps:
-                    if config.eval_steps == "epoch":
+        # Training
+        start_time = time.time()
+        if state.batches_in_epoch >= len(train_dataloader):  # checkpointed after the last batch of an epoch
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+        model.train()
+        with tqdm(total=max_train_steps, initial=state.step, desc="training",
+                  disable=not accelerator.is_local_main_process) as progress:  # closed before any error message
+            while state.step < max_train_steps:
+                train_dataloader.set_epoch(state.epoch)
+                task.set_epoch(state.epoch)  # Accelerate passes the epoch on only to what it wraps: the task sets the rest
+                epoch_batches = (accelerator.skip_first_batches(train_dataloader, state.batches_in_epoch)
+                                 if state.batches_in_epoch else train_dataloader)
+                for micro_batches in grouped(epoch_batches, config.gradient_accumulation_steps):
+                    train_loss, num_items = accumulate_gradients(accelerator, model, micro_batches, task.batch_loss)
+                    check_finite_loss(train_loss, state.step + 1, output_dir)
+                    grad_norm = (accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                                 if config.max_grad_norm else None)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad()
+                    state.step += 1
+                    state.batches_in_epoch += len(micro_batches)
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{train_loss:.3f}", epoch=state.epoch)
+                    accelerator.log({"train/loss": train_loss, "train/learning_rate": lr_scheduler.get_last_lr()[0],
+                                     f"train/{task.count_name}": num_items, "train/epoch": state.epoch,
+                                     **({"train/grad_norm": grad_norm.item()} if grad_norm is not None else {})},
+                                    step=state.step)
+                    done = state.step >= max_train_steps
+                    if done or is_due(config.eval_steps, state.step):
                         validate()
-                    if config.checkpointing_steps == "epoch":
-                        checkpoint_now()
-    if not state.history or state.history[-1]["step"] != state.step:  # resumed from a finished run's last checkpoint
-        validate()
-    runtime = time.time() - start_time
+                    saved = None
+                    if config.checkpointing_steps and (done or is_due(config.checkpointing_steps, state.step)):
+                        saved = checkpoint_now()
+                    if not done and (signum := signals.requested(accelerator)):
+                        saved = saved or checkpoint_now()
+                        accelerator.print(
+                            f"Stopped by {signal.Signals(signum).name} after update {state.step}; saved {saved}. To "
+                            f"continue, run the same command with --resume_from_checkpoint latest (or {saved}).")
+                        accelerator.end_training()
+                        raise RunStopped(signum, f"stopped by {signal.Signals(signum).name} at update {state.step}")
+                    if done:
+                        break
+                else:
+                    state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+                    if state.step < max_train_steps:
+                        if config.eval_steps == "epoch":
+                            validate()
+                        if config.checkpointing_steps == "epoch":
+                            checkpoint_now()
+        if not state.history or state.history[-1]["step"] != state.step:  # resumed from a finished run's last checkpoint
+            validate()
+        runtime = time.time() - start_time
 
-    # Results, the task's last evaluations with the best model, and the Hub-ready output folder
-    results = {**task.run_description(), **run_results(accelerator, model, state, settings, runtime, command)}
-    results.update(task.finish(accelerator, best_dir, eval_dataloaders, output_dir))
-    finish_output(accelerator, output_dir, best_dir, results, curves=list(task.history_metrics[:2]),
-                  label=task.skip_options.label())
-    if config.push_to_hub and accelerator.is_main_process:
-        url = push_to_hub(output_dir, config.hub_model_id or output_dir.name, token=config.hub_token,
-                          ignore_patterns=[*IGNORED_BY_HUB, *task.hub_ignore_patterns])
-        accelerator.print(f"Pushed to {url}")
-    accelerator.print(f"Saved the best model (step {results['best_step']}: {task.describe_scores(results['validation'])}"
-                      f") and results.json to {output_dir}")
-    accelerator.end_training()
-    return results
+        # Results, the task's last evaluations with the best model, and the Hub-ready output folder
+        results = {**task.run_description(), **run_results(accelerator, model, state, settings, runtime, command)}
+        results.update(task.finish(accelerator, best_dir, eval_dataloaders, output_dir))
+        finish_output(accelerator, output_dir, best_dir, results, curves=list(task.history_metrics[:2]),
+                      label=task.skip_options.label())
+        if config.push_to_hub and accelerator.is_main_process:
+            url = push_to_hub(output_dir, config.hub_model_id or output_dir.name, token=config.hub_token,
+                              ignore_patterns=[*IGNORED_BY_HUB, *task.hub_ignore_patterns])
+            accelerator.print(f"Pushed to {url}")
+        accelerator.print(f"Saved the best model (step {results['best_step']}: {task.describe_scores(results['validation'])}"
+                          f") and results.json to {output_dir}")
+        accelerator.end_training()
+        return results
 
 
 def is_due(every: int | str | None, step: int) -> bool:

@@ -16,19 +16,27 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from .checkpoints import BEST_SCORES, CHECKPOINTS, write_json
+from .checkpoints import BEST_MODEL, BEST_SCORES, CHECKPOINTS, write_json
 from .model_card import write_model_card
 
-BEST_MODEL = "best_model"
 # The upload to the Hub leaves out the training state and unfinished folders.
-IGNORED_BY_HUB = [f"{CHECKPOINTS}/*", f"{BEST_MODEL}/*", ".tmp-*", ".old-*"]
+IGNORED_BY_HUB = [f"{CHECKPOINTS}/*", f"{BEST_MODEL}/*", "logs/*", ".tmp-*", ".old-*"]
+
+
+# Settings whose values are secrets: recorded as None.
+SECRET_SETTINGS = ("hub_token",)
+
+
+def public_settings(settings: dict) -> dict:
+    """The run's settings as results.json and the trackers record them: secrets left out."""
+    return {key: None if key in SECRET_SETTINGS else value for key, value in settings.items()}
 
 
 def init_tracking(accelerator: Accelerator, project_name: str, settings: dict) -> None:
-    """Start the trackers chosen by `Accelerator(log_with=...)`, with the run's settings as hyperparameters
-    (converted to the scalar types TensorBoard accepts)."""
+    """Start the trackers chosen by `Accelerator(log_with=...)`, with the run's settings (secrets left out) as
+    hyperparameters, converted to the scalar types TensorBoard accepts."""
     hyperparameters = {key: value if isinstance(value, (int, float, str, bool)) else str(value)
-                       for key, value in settings.items()}
+                       for key, value in public_settings(settings).items() if value is not None}
     accelerator.init_trackers(project_name, config=hyperparameters)
 
 
@@ -47,7 +55,7 @@ def describe_hardware(accelerator: Accelerator) -> str:
 def run_results(accelerator: Accelerator, model, state, settings: dict, runtime: float, command: str) -> dict:
     """What results.json says of a finished run besides the task's own: the parameter count, the best validation
     scores and their step, the number of updates, the training time and the hardware it took, the validation history,
-    the settings (--hub_token left out) and the command."""
+    the settings (secrets left out) and the command."""
     return {
         "num_parameters": sum(p.numel() for p in accelerator.unwrap_model(model).parameters()),
         "best_step": state.best["step"],
@@ -56,7 +64,7 @@ def run_results(accelerator: Accelerator, model, state, settings: dict, runtime:
         "train_runtime_s": round(runtime, 1),
         "hardware": describe_hardware(accelerator),
         "history": state.history,
-        "args": settings | {"hub_token": None},
+        "args": public_settings(settings),
         "command": command,
     }
 
@@ -114,8 +122,8 @@ def push_to_hub(folder: str | Path, repo_id: str, token: str | None = None,
 
 
 __all__ = [
-    "BEST_MODEL",
     "IGNORED_BY_HUB",
+    "public_settings",
     "init_tracking",
     "describe_hardware",
     "run_results",

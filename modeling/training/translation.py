@@ -28,7 +28,7 @@ from ..modeling_rskip_marian import RSkipMarianMTModel
 from ..skip_options import SkipOptions
 from ..tokenization import train_marian_tokenizer
 from .data import read_data_file
-from .errors import TrainingError
+from .errors import TrainingError, main_process_first
 from .loop import TrainingTask
 
 # The `evaluate` metric module of this package: sacreBLEU's BLEU and chrF with their signatures, read from this
@@ -209,9 +209,13 @@ def load_tokenizer(args, raw: DatasetDict, checkpoint: Path | None, is_main_proc
     if is_main_process:
         print(f"Training a SentencePiece tokenizer ({args.vocab_size} pieces, "
               f"{'joint' if args.joint_vocab else 'separate'}) on {len(raw['train'])} pairs")
-        train_marian_tokenizer(raw["train"]["source"][:], raw["train"]["target"][:], folder, vocab_size=args.vocab_size,
-                               joint=args.joint_vocab, source_lang=args.source_lang, target_lang=args.target_lang,
-                               seed=args.seed)
+        try:
+            train_marian_tokenizer(raw["train"]["source"][:], raw["train"]["target"][:], folder,
+                                   vocab_size=args.vocab_size, joint=args.joint_vocab, source_lang=args.source_lang,
+                                   target_lang=args.target_lang, seed=args.seed)
+        except RuntimeError as error:  # SentencePiece refuses a vocabulary the data cannot fill, or too small
+            raise TrainingError(f"--vocab_size {args.vocab_size}: SentencePiece cannot train this vocabulary on the "
+                                f"training data ({str(error).strip().splitlines()[-1]})") from error
     return AutoTokenizer.from_pretrained(folder)
 
 
@@ -336,10 +340,9 @@ class TranslationTask(TrainingTask):
                 else f"{self.args.per_device_train_batch_size} sentences")
 
     def load_data(self, accelerator, checkpoint):
-        with accelerator.main_process_first():
-            self.raw = load_raw_datasets(self.args)
-        with accelerator.main_process_first():
-            self.processor = load_tokenizer(self.args, self.raw, checkpoint, accelerator.is_main_process)
+        self.raw = main_process_first(accelerator, lambda: load_raw_datasets(self.args))
+        self.processor = main_process_first(
+            accelerator, lambda: load_tokenizer(self.args, self.raw, checkpoint, accelerator.is_main_process))
         self.references = {split: self.raw[split]["target"][:] for split in ("validation", "test") if split in self.raw}
 
     def build_model(self):
@@ -349,8 +352,7 @@ class TranslationTask(TrainingTask):
 
     def create_dataloaders(self, model, accelerator):
         args, tokenizer = self.args, self.processor
-        with accelerator.main_process_first():
-            tokenized = tokenize(self.raw, tokenizer, args)
+        tokenized = main_process_first(accelerator, lambda: tokenize(self.raw, tokenizer, args))
         collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100,
                                           pad_to_multiple_of=8 if accelerator.mixed_precision != "no" else None)
         lengths = [max(len(source), len(target))
