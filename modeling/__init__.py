@@ -18,6 +18,7 @@ from .configuration_rskip_resnet import RSkipResNetConfig
 from .modeling_rskip_marian import RSkipMarianModel, RSkipMarianMTModel, RSkipMarianPreTrainedModel
 from .modeling_rskip_resnet import RSkipResNetForImageClassification, RSkipResNetModel, RSkipResNetPreTrainedModel
 from .pipeline_translation import TranslationPipeline
+from .fused_skip import use_fused_skip
 from .residual import SKIP_VARIANTS, SkipOptions, create_skip
 from .timm_resnets import (
     CifarPreActResNet,
@@ -33,6 +34,7 @@ __all__ = [
     "SKIP_VARIANTS",
     "SkipOptions",
     "create_skip",
+    "use_fused_skip",
     # translation
     "RSkipMarianConfig",
     "RSkipMarianPreTrainedModel",

@@ -127,7 +127,8 @@ def _forward_torch(x, h, weight, bias, scale, fixed_scale, eps, norm_dims, needs
 
 def _backward_torch(dy, x, z1, weight, bias, scale, fixed_scale, mean, rstd, eps, norm_dims):
     x, dy = _rows_view(x, norm_dims), _rows_view(dy, norm_dims)
-    stat_dtype = z1.dtype if z1.device.type == "cpu" else torch.float32
+    # the dtype the native kernels gave: the input's on CPU, float32 with mixed input/affine dtypes or on CUDA
+    stat_dtype = z1.dtype if z1.device.type == "cpu" and weight.dtype == z1.dtype else torch.float32
     mean, rstd = mean.to(stat_dtype), rstd.to(stat_dtype)
     zs = [z1]  # the forward's z_2..z_K, recomputed by the same kernels, so they are bit-identical
     for k in range(weight.shape[0] - 1):
