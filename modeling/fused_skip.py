@@ -83,6 +83,15 @@ def _rows_view(t: Tensor, norm_dims: str) -> Tensor:
     return t.permute(0, 2, 3, 1) if norm_dims == "c" else t
 
 
+def _from_rows_view(t: Tensor, norm_dims: str) -> Tensor:
+    """The inverse of `_rows_view` as a tensor of its own, not a view: callers apply in-place ops (ReLU) to op outputs."""
+    if norm_dims != "c":
+        return t
+    s = t.stride()
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.permute(0, 3, 1, 2).shape,
+                               (s[0], s[3], s[1], s[2]))
+
+
 def _join(x: Tensor, y: Tensor, scale: Optional[Tensor], fixed_scale: float) -> Tensor:
     """λ·x + y into a new contiguous tensor (row-major in the row view)."""
     out = torch.empty(x.shape, dtype=torch.result_type(x, y), device=x.device)
@@ -118,8 +127,7 @@ def _forward_torch(x, h, weight, bias, scale, fixed_scale, eps, norm_dims, needs
         y, mean, rstd = _norm_forward(y, weight[k], bias[k], eps, norm_dims)
         means.append(mean.reshape(-1))
         rstds.append(rstd.reshape(-1))
-    if norm_dims == "c":
-        y = y.permute(0, 3, 1, 2)
+    y = _from_rows_view(y, norm_dims)
     if not needs_grad:
         return y, z1.new_empty(0), z1.new_empty(0, dtype=torch.float32), z1.new_empty(0, dtype=torch.float32)
     return y, z1, torch.stack(means).float(), torch.stack(rstds).float()
@@ -141,11 +149,8 @@ def _backward_torch(dy, x, z1, weight, bias, scale, fixed_scale, mean, rstd, eps
             dz_sum = dz_sum + dy if k == weight.shape[0] - 2 else dz_sum.add_(dy)
         else:
             dz_sum = dy
-    dz_sum = dz_sum if weight.shape[0] > 1 else dy.new_empty(0)
-    if norm_dims == "c":
-        dy = dy.permute(0, 3, 1, 2)
-        dz_sum = dz_sum.permute(0, 3, 1, 2) if dz_sum.numel() else dz_sum
-    return dy, dz_sum, grad_weight, grad_bias
+    dz_sum = _from_rows_view(dz_sum, norm_dims) if weight.shape[0] > 1 else dy.new_empty(0)
+    return _from_rows_view(dy, norm_dims), dz_sum, grad_weight, grad_bias
 
 
 # Triton path (CUDA) --------------------------------------------------------------------------------------------------
@@ -293,7 +298,7 @@ def _geometry(x: Tensor, norm_dims: str):
 def _row_layout_empty(x: Tensor, norm_dims: str, dtype) -> Tensor:
     """A tensor shaped like ``x`` whose rows are contiguous (NHWC memory for ``"c"``)."""
     if norm_dims == "c":
-        return x.new_empty((x.shape[0], *x.shape[2:], x.shape[1]), dtype=dtype).permute(0, 3, 1, 2)
+        return torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=torch.channels_last)
     return x.new_empty(x.shape, dtype=dtype)
 
 
@@ -320,7 +325,7 @@ def _forward_triton(x, h, weight, bias, scale, fixed_scale, eps, norm_dims, need
     )
     if not needs_grad:
         return y, x.new_empty(0, dtype=dtype), mean.new_empty(0), rstd.new_empty(0)
-    return y, _rows_view(z1, norm_dims), mean, rstd
+    return y, _rows_view(z1, norm_dims).contiguous(), mean, rstd
 
 
 def _backward_triton(dy, x, z1, weight, bias, scale, fixed_scale, mean, rstd, eps, norm_dims):
@@ -370,7 +375,7 @@ def _(x, h, weight, bias, scale, fixed_scale, eps, norm_dims, needs_grad):
     y = _row_layout_empty(x, norm_dims, dtype)
     if not needs_grad:
         return y, x.new_empty(0, dtype=dtype), x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
-    z1 = _rows_view(_row_layout_empty(x, norm_dims, dtype), norm_dims)
+    z1 = torch.empty_like(_rows_view(x, norm_dims), dtype=dtype, memory_format=torch.contiguous_format)
     stats = x.new_empty((weight.shape[0], _geometry(x, norm_dims)[0]), dtype=torch.float32)
     return y, z1, stats, torch.empty_like(stats)
 
