@@ -18,6 +18,7 @@ from .configuration_rskip_resnet import RSkipResNetConfig
 from .modeling_rskip_marian import RSkipMarianModel, RSkipMarianMTModel, RSkipMarianPreTrainedModel
 from .modeling_rskip_resnet import RSkipResNetForImageClassification, RSkipResNetModel, RSkipResNetPreTrainedModel
 from .pipeline_translation import TranslationPipeline
+from .fused_skip import use_fused_skip
 from .residual import create_skip
 from .skip_options import SKIP_VARIANTS, ConfigFieldError, ResNetSkipOptions, SkipOptions
 from .timm_resnets import (
@@ -34,6 +35,7 @@ __all__ = [
     "SkipOptions",
     "ConfigFieldError",
     "create_skip",
+    "use_fused_skip",
     # translation
     "RSkipMarianConfig",
     "RSkipMarianPreTrainedModel",

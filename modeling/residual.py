@@ -28,7 +28,11 @@ from functools import cache
 import torch
 from torch import nn
 
+from .fused_skip import fused_norm_dims, fused_skip_enabled, skip_norm
 from .skip_options import RECURSIVE_VARIANTS, SkipOptions
+
+# FX (timm's feature extraction) keeps the op one call: its Python wrapper branches on requires_grad.
+torch.fx.wrap("skip_norm")
 
 
 class ResidualSkip(nn.Module):
@@ -54,9 +58,12 @@ class ScaledSkip(ResidualSkip):
 
 
 class NormSkip(ResidualSkip):
-    """``post_ln``, ``xskip_ln``/``xskip_bn`` and ``rskip_ln``/``rskip_bn``: y_k = N_k(λ·x + y_{k-1}).
+    """``post_ln``, ``xskip_ln``/``xskip_bn`` and ``rskip_ln``/``rskip_bn``: y_0 = h, y_k = N_k(λ·x + y_{k-1}).
 
-    Mixed into the host's norm class by `create_skip`; the module itself is N_1.
+    Mixed into the host's norm class by `create_skip`; the module itself is N_1. Where the norm is a LayerNorm
+    (tokens, or feature maps over (C, H, W) or C) the K steps run as one fused op (`rskip.fused_skip`), which keeps
+    one tensor for the backward pass whatever K is; `reference_forward` is the loop over the norm modules, used for
+    BatchNorm and under ``rskip.use_fused_skip(False)``.
     """
 
     norm_layer: type[nn.Module]
@@ -73,11 +80,20 @@ class NormSkip(ResidualSkip):
         self.initial_scale = float(scale)
         # A fixed λ = 1 (post_ln, rskip_*) is left out rather than multiplied in, so LN(x + h) costs what it costs.
         self.scales_shortcut = learnable_scale or scale != 1.0
+        self.fused_norm_dims = fused_norm_dims(self)
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         return self.norm_layer.forward(self, z)
 
     def forward(self, x, h):
+        if self.fused_norm_dims is None or not fused_skip_enabled():
+            return self.reference_forward(x, h)
+        norms = [self] * self.recursions if self.share_norm else [self, *self.recursion_norms]
+        weight = torch.stack([norm.weight for norm in norms])
+        bias = torch.stack([norm.bias for norm in norms])
+        return skip_norm(x, h, weight, bias, self.scale, self.eps, self.fused_norm_dims)
+
+    def reference_forward(self, x, h):
         shortcut = self.scale * x if self.scales_shortcut else x
         y = self.normalize(shortcut + h)
         for step in range(1, self.recursions):

@@ -1,0 +1,262 @@
+"""The fused add-and-normalise op against the reference loop of norm modules, every form it serves.
+
+Reference: `NormSkip.reference_forward`, the K norm modules applied in turn (itself tested against the paper's
+equations in test_residual.py). The Triton kernels run on CPU under TRITON_INTERPRET=1, in a fresh process.
+"""
+
+import pytest
+import timm
+import torch
+from timm.layers import GroupNorm1, LayerNorm2d
+from torch import nn
+
+import rskip
+from rskip import SkipOptions, create_skip, use_fused_skip
+from rskip.fused_skip import fused_norm_dims, skip_norm
+
+FORMS = {  # norm_dims: (host norm class, input shape)
+    "token": (nn.LayerNorm, (3, 4, 8)),
+    "chw": (GroupNorm1, (2, 4, 3, 3)),
+    "c": (LayerNorm2d, (2, 4, 3, 3)),
+}
+SETTINGS = [  # (skip options, description)
+    *[dict(skip_variant="rskip_ln", skip_recursions=k) for k in (1, 2, 3, 4)],
+    dict(skip_variant="rskip_ln", skip_recursions=3, skip_share_norm=True),
+    dict(skip_variant="xskip_ln", skip_scale=0.5),
+    dict(skip_variant="xskip_ln", skip_scale=2.0, skip_learnable_scale=True),
+]
+
+
+def make_skip(norm_dims, options, dtype=torch.float32):
+    norm_layer, shape = FORMS[norm_dims]
+    torch.manual_seed(0)
+    skip = create_skip(SkipOptions(**options), shape[-1] if norm_dims == "token" else shape[1], ln_layer=norm_layer)
+    with torch.no_grad():  # distinct affine parameters, so a norm used in the wrong step shows
+        for p in skip.parameters():
+            if p.ndim:
+                p.copy_(torch.randn_like(p))
+    return skip.to(dtype)
+
+
+def inputs(norm_dims, dtype=torch.float32):
+    shape = FORMS[norm_dims][1]
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(shape, generator=generator, dtype=dtype).requires_grad_() for _ in range(2)]
+
+
+def output_and_grads(skip, x, h):
+    y = skip(x, h)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    grads = torch.autograd.grad(y, [x, h, *skip.parameters()], grad_y)
+    return y, grads
+
+
+@pytest.mark.parametrize("options", SETTINGS, ids=lambda o: "-".join(f"{v}" for v in o.values()))
+@pytest.mark.parametrize("norm_dims", FORMS)
+def test_op_matches_reference_forward_and_every_gradient(norm_dims, options):
+    skip = make_skip(norm_dims, options)
+    assert skip.fused_norm_dims == norm_dims
+    x, h = inputs(norm_dims)
+    y, grads = output_and_grads(skip, x, h)
+    with use_fused_skip(False):
+        y_ref, grads_ref = output_and_grads(skip, x, h)
+    torch.testing.assert_close(y, y_ref)
+    assert y.stride() == y_ref.stride()  # "c" keeps LayerNorm2d's channels-last output
+    for grad, grad_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(grad, grad_ref)
+
+
+@pytest.mark.parametrize("norm_dims", FORMS)
+def test_op_matches_reference_in_eval_without_grad(norm_dims):
+    skip = make_skip(norm_dims, dict(skip_variant="rskip_ln", skip_recursions=3)).eval()
+    x, h = inputs(norm_dims)
+    with torch.no_grad():
+        y = skip(x, h)
+        with use_fused_skip(False):
+            torch.testing.assert_close(y, skip(x, h))
+
+
+@pytest.mark.parametrize("norm_dims", FORMS)
+def test_float64_gradcheck(norm_dims):
+    """Gradients of x, h, every affine and a learned λ against finite differences."""
+    x, h = inputs(norm_dims, torch.float64)
+    channels = x.shape[-1] if norm_dims == "token" else x.shape[1]
+    generator = torch.Generator().manual_seed(3)
+    weight, bias = (torch.randn(3, channels, generator=generator, dtype=torch.float64).requires_grad_()
+                    for _ in range(2))
+    scale = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: skip_norm(*t, 1e-5, norm_dims), (x, h, weight, bias, scale))
+    assert torch.autograd.gradcheck(lambda *t: skip_norm(*t, 1.5, 1e-5, norm_dims), (x, h, weight, bias))
+
+
+def saved_storages(fn, *tensors) -> set:
+    """The full-size tensors autograd saves (not the (K, rows) statistics or the (K, C) affine)."""
+    storages = set()
+
+    def pack(tensor):
+        if tensor.numel() == tensors[0].numel() and tensor.ndim == tensors[0].ndim:
+            storages.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*tensors)
+    return storages
+
+
+@pytest.mark.parametrize("norm_dims", FORMS)
+def test_op_saves_x_and_one_tensor_whatever_k(norm_dims):
+    """x (which the branch's first layer keeps anyway) and z_1 = λx + h; the eager loop keeps one z_k per step."""
+    x, h = (torch.randn(4, 4, 8, 8) if norm_dims != "token" else torch.randn(4, 16, 8) for _ in range(2))
+    x.requires_grad_()
+    for k in (1, 2, 3, 4):
+        skip = make_skip(norm_dims, dict(skip_variant="rskip_ln", skip_recursions=k))
+        fused = saved_storages(skip, x, h)
+        assert x.untyped_storage().data_ptr() in fused and len(fused) == 2
+        with use_fused_skip(False):
+            assert len(saved_storages(skip, x, h)) >= k
+
+
+def test_switch_selects_the_reference_path_and_restores_on_exit():
+    skip = make_skip("token", dict(skip_variant="rskip_ln", skip_recursions=2))
+    x, h = inputs("token")
+    assert rskip.fused_skip.fused_skip_enabled()
+    assert type(skip(x, h).grad_fn).__name__ == "GeneratedBackwardFor_rskip_skip_norm_defaultBackward"
+    with use_fused_skip(False):
+        assert not rskip.fused_skip.fused_skip_enabled()
+        with use_fused_skip(True):
+            assert rskip.fused_skip.fused_skip_enabled()
+        assert not rskip.fused_skip.fused_skip_enabled()
+        assert type(skip(x, h).grad_fn).__name__ == "NativeLayerNormBackward0"
+    assert rskip.fused_skip.fused_skip_enabled()
+
+
+def test_batchnorm_and_unsupported_norms_stay_on_the_reference_path():
+    assert make_skip("token", dict(skip_variant="rskip_bn")).fused_norm_dims is None
+    assert fused_norm_dims(nn.GroupNorm(2, 4)) is None
+    assert fused_norm_dims(nn.LayerNorm(8, elementwise_affine=False)) is None
+    assert fused_norm_dims(nn.LayerNorm((4, 8))) is None
+
+
+@pytest.mark.parametrize("norm_dims", FORMS)
+def test_bf16_autocast_matches_reference(norm_dims):
+    """Under autocast the branch output is bf16; the op follows LayerNorm's autocast dtype and values."""
+    skip = make_skip(norm_dims, dict(skip_variant="rskip_ln", skip_recursions=2))
+    x, _ = inputs(norm_dims)
+    channels = x.shape[-1] if norm_dims == "token" else x.shape[1]
+    branch = nn.Linear(channels, channels)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = branch(x) if norm_dims == "token" else branch(x.movedim(1, -1)).movedim(-1, 1)
+            return skip(x.to(torch.bfloat16), h)
+
+    y = run()
+    with use_fused_skip(False):
+        y_ref = run()
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=0.05, rtol=0.02)
+    y.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def tiny_marian(skip_recursions):
+    config = rskip.RSkipMarianConfig(
+        vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+        pad_token_id=49, decoder_start_token_id=49, dropout=0.0, skip_variant="rskip_ln",
+        skip_recursions=skip_recursions)
+    torch.manual_seed(0)
+    return rskip.RSkipMarianMTModel(config).train()
+
+
+def loss_and_grads(model, loss_fn):
+    model.zero_grad()
+    loss = loss_fn(model)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("family", ["marian", "resnet"])
+def test_torch_compile_fullgraph_gives_the_reference_outputs_and_gradients(family):
+    """fullgraph=True fails on any graph break, so the op (its fake and its autograd) is traced as one node.
+    aot_eager runs the same tracing as inductor without compiling C++, which keeps this test short."""
+    torch.manual_seed(0)
+    if family == "marian":
+        model = tiny_marian(skip_recursions=3)
+        batch = dict(input_ids=torch.randint(0, 49, (2, 5)), labels=torch.randint(0, 49, (2, 5)))
+
+        def loss_fn(m):
+            return m(**batch).loss
+    else:
+        model = timm.create_model("rskip_resnet18", skip_recursions=2, skip_norm_dims="c", num_classes=3).train()
+        images = torch.randn(2, 3, 16, 16)
+
+        def loss_fn(m):
+            return m(images).logsumexp(-1).mean()
+    with use_fused_skip(False):
+        loss_ref, grads_ref = loss_and_grads(model, loss_fn)
+    loss, grads = loss_and_grads(torch.compile(model, fullgraph=True, backend="aot_eager"), loss_fn)
+    torch.testing.assert_close(loss, loss_ref)
+    for grad, grad_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(grad, grad_ref, atol=1e-4, rtol=1e-3)
+
+
+def test_op_compiles_with_inductor():
+    x, h = inputs("token")
+    weight, bias = torch.randn(2, 8, requires_grad=True), torch.randn(2, 8, requires_grad=True)
+
+    def fn(x, h, weight, bias):
+        return skip_norm(x, h, weight, bias, 1.0, 1e-5, "token").sin()
+
+    y_ref = fn(x, h, weight, bias)
+    y = torch.compile(fn, fullgraph=True)(x, h, weight, bias)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), [x, weight]), torch.autograd.grad(y_ref.sum(), [x, weight]))
+
+
+TRITON_CHECK = r"""
+import torch
+import rskip.fused_skip as fs
+
+fs._interpret_triton = True  # CPU tensors take the Triton path, run by the interpreter
+cases = [("token", (3, 5, 8)), ("token", (2, 40)), ("chw", (2, 4, 3, 3)), ("c", (2, 4, 3, 3))]
+for norm_dims, shape in cases:
+    for k, scale in ((1, 1.0), (2, "learned"), (3, 0.5)):
+        torch.manual_seed(k)
+        channels = shape[-1] if norm_dims == "token" else shape[1]
+        x, h = (torch.randn(shape, requires_grad=True) for _ in range(2))
+        weight, bias = (torch.randn(k, channels, requires_grad=True) for _ in range(2))
+        lam = torch.tensor(0.7, requires_grad=True) if scale == "learned" else scale
+        leaves = [x, h, weight, bias] + ([lam] if scale == "learned" else [])
+        grad_y = torch.randn(shape)
+        results = []
+        for triton_path in (True, False):
+            fs._interpret_triton = triton_path
+            y = fs.skip_norm(x, h, weight, bias, lam, 1e-5, norm_dims)
+            results.append((y, *torch.autograd.grad(y, leaves, grad_y)))
+            with torch.no_grad():
+                torch.testing.assert_close(fs.skip_norm(x, h, weight, bias, lam, 1e-5, norm_dims), y)
+        for got, expected in zip(*results, strict=True):
+            torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+        assert results[0][0].stride() == results[1][0].stride()
+print("triton ok")
+"""
+
+
+def test_triton_kernels_match_the_pytorch_path_under_the_interpreter(run_python, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "triton ok" in run_python(TRITON_CHECK).stdout
+
+
+def test_op_runs_where_triton_is_missing(run_python):
+    """A saved model folder must load and train without triton: the kernels are optional."""
+    script = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, rskip\n"
+        "assert rskip.fused_skip.triton is None\n"
+        "skip = rskip.create_skip(rskip.SkipOptions(skip_variant='rskip_ln', skip_recursions=2), 8)\n"
+        "x = torch.randn(3, 8, requires_grad=True)\n"
+        "skip(x, torch.randn(3, 8)).sum().backward()\n"
+        "print('ok', x.grad.shape)\n"
+    )
+    assert "ok" in run_python(script).stdout
