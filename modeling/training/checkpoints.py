@@ -122,11 +122,17 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: Run
     return path
 
 
-def find_checkpoint(output_dir: str | Path, resume_from: str | None) -> Path | None:
+def find_checkpoint(output_dir: str | Path, resume_from: str | None, hub_repo_id: str | None = None,
+                    hub_token: str | None = None) -> Path | None:
     """Resolve `--resume_from_checkpoint`: `latest` is the newest checkpoint of `output_dir` (None when there is
-    none yet, so a preemptible job can always pass it); anything else must be a checkpoint folder."""
+    none yet, so a preemptible job can always pass it); `hub` or `hub@<revision>` is `last-checkpoint/` of the Hub
+    repository `hub_repo_id`, downloaded; anything else must be a checkpoint folder."""
     if not resume_from:
         return None
+    if resume_from == "hub" or resume_from.startswith("hub@"):
+        from .hub import download_last_checkpoint  # hub imports this module
+
+        return download_last_checkpoint(hub_repo_id, resume_from.partition("@")[2] or None, hub_token)
     if resume_from == "latest":
         found = list_checkpoints(output_dir)
         return found[-1] if found else None
