@@ -13,7 +13,9 @@ One module per concern:
   best model → output folder), its typed `TrainingConfig`, and `TrainingTask`, the parts a task passes in.
 - `translation`, `image_classification`: each task's data pipeline, samplers, model building, evaluation and task.
 - `checkpoints`: run state, atomic writes, finding and resuming checkpoints, the best model.
-- `reporting`: results.json, hardware, curves, the output folder and the Hub upload; `model_card`: model cards.
+- `reporting`: results.json, hardware, curves, the output folder; `model_card`: model cards.
+- `hub`: the Hub: start-up checks, uploads during training (`--hub_strategy`), resuming from `last-checkpoint/`,
+  pushing a finished run (`scripts/push_to_hub.py`), timm's format for image models.
 - `cli`: the scripts' command lines; `data`: reading local data files; `errors`: `TrainingError`.
 - `translation_scores`: BLEU and chrF as an `evaluate` metric module.
 

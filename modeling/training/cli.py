@@ -27,6 +27,7 @@ from transformers import HfArgumentParser
 from ..skip_options import ConfigFieldError, ResNetSkipOptions, SkipOptions
 from ..timm_resnets import rskip_architecture
 from .errors import TrainingError
+from .hub import HUB_STRATEGIES
 from .signals import RunStopped
 from .image_classification import DEFAULT_WARMUP_STEPS, IMAGE_COLUMNS, LABEL_COLUMNS, WARMUP_MODELS
 from .translation import MODEL_PRESETS
@@ -159,8 +160,9 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Save a resumable state every N updates, or 'epoch'; and at the end of training.")
     output.add_argument("--checkpoints_total_limit", type=COUNT, help="Keep only the newest N checkpoints.")
     output.add_argument("--resume_from_checkpoint",
-                        help="A checkpoint folder, or 'latest' (the newest intact checkpoint of this run in "
-                             "--output_dir, if any).")
+                        help="A checkpoint folder; 'latest' (the newest intact checkpoint of this run in "
+                             "--output_dir, if any); or 'hub' ('hub@<revision>'): last-checkpoint/ of --hub_model_id "
+                             "on the Hub.")
     output.add_argument("--overwrite_output_dir", action="store_true",
                         help="Start a new run in an --output_dir that holds another one, deleting that run's files.")
 
@@ -169,8 +171,13 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     logging.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "trackio", "wandb", "all"])
     logging.add_argument("--push_to_hub", action="store_true")
     logging.add_argument("--hub_model_id", help="Defaults to the name of --output_dir.")
-    logging.add_argument("--hub_token", help="Better: the HF_TOKEN environment variable or `hf auth login`. "
-                                             "Never written to results, model cards or trackers.")
+    logging.add_argument("--hub_token", help="Default: HF_TOKEN or the token of `hf auth login` (better than this "
+                                             "flag). Never written to results, model cards or trackers.")
+    logging.add_argument("--hub_strategy", default="end", choices=HUB_STRATEGIES,
+                         help="What --push_to_hub uploads besides the output folder at the end: every_save, the best "
+                              "model with its card and results at each checkpoint (in the background); checkpoint, "
+                              "also the training state in last-checkpoint/ (see --resume_from_checkpoint hub); "
+                              "all_checkpoints, also each checkpoint in checkpoints/step_<N>/.")
 
 
 def parse_trainer_args(arguments_class, parse_args: Callable, argv: list[str] | None = None) -> tuple:

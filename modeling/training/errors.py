@@ -36,6 +36,16 @@ def main_process_first(accelerator: Accelerator, work: Callable[[], Result]) -> 
     return result
 
 
+def on_main_process(accelerator: Accelerator, work: Callable[[], Result]) -> Result | None:
+    """`work()` on the main process only (None elsewhere); a `TrainingError` there is raised on every process."""
+    result, failure = _attempt(work) if accelerator.is_main_process else (None, None)
+    if accelerator.num_processes > 1:
+        (failure,) = broadcast_object_list([failure])
+    if failure is not None:
+        raise TrainingError(failure)
+    return result
+
+
 def _attempt(work: Callable[[], Result]) -> tuple[Result | None, str | None]:
     try:
         return work(), None
@@ -43,4 +53,4 @@ def _attempt(work: Callable[[], Result]) -> tuple[Result | None, str | None]:
         return None, str(error)
 
 
-__all__ = ["TrainingError", "main_process_first"]
+__all__ = ["TrainingError", "main_process_first", "on_main_process"]

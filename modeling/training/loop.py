@@ -34,14 +34,16 @@ from .checkpoints import (
     save_checkpoint,
     settings_to_check,
 )
-from .errors import TrainingError
-from .reporting import IGNORED_BY_HUB, finish_output, init_tracking, push_to_hub, run_results
+from .errors import TrainingError, on_main_process
+from .hub import HUB_STRATEGIES, IGNORED_BY_HUB, start_hub_uploads
+from .reporting import finish_output, init_tracking, run_results, write_model_folder
 from .signals import RunStopped, StopSignals
 
 # Settings a run may be resumed with other values for: where it writes, how often it evaluates and saves, logging.
 MAY_CHANGE_ON_RESUME = {
     "output_dir", "resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit", "eval_steps",
-    "with_tracking", "report_to", "push_to_hub", "hub_model_id", "hub_token", "overwrite_output_dir",
+    "with_tracking", "report_to", "push_to_hub", "hub_model_id", "hub_token", "hub_strategy",
+    "overwrite_output_dir",
 }
 
 
@@ -68,6 +70,7 @@ class TrainingConfig:
     push_to_hub: bool = False
     hub_model_id: str | None = None
     hub_token: str | None = None
+    hub_strategy: str = "end"
 
     def __post_init__(self):
         def check(name: str, valid: bool, allowed: str):
@@ -91,6 +94,7 @@ class TrainingConfig:
               "an integer >= 1 or 'epoch'")
         check("checkpointing_steps", self.checkpointing_steps in (None, "epoch") or (
             is_int(self.checkpointing_steps) and self.checkpointing_steps >= 1), "None, an integer >= 1 or 'epoch'")
+        check("hub_strategy", self.hub_strategy in HUB_STRATEGIES, ", ".join(HUB_STRATEGIES))
 
     @classmethod
     def from_args(cls, args) -> "TrainingConfig":
@@ -164,12 +168,18 @@ def train(task: TrainingTask, config: TrainingConfig, command: str) -> dict:
         # Accelerator, resume point and seed
         output_dir = Path(config.output_dir)
         accelerator = create_accelerator(config)
+        hub_repo_id = config.hub_model_id or output_dir.name
+        # A push that cannot work fails now, not after training; uploads run on the main process only.
+        hub = on_main_process(accelerator, lambda: start_hub_uploads(
+            hub_repo_id, config.hub_token, config.hub_strategy, [*IGNORED_BY_HUB, *task.hub_ignore_patterns],
+            log=accelerator.print)) if config.push_to_hub else None
         settings = vars(task.args)
         run_config = settings_to_check(settings, MAY_CHANGE_ON_RESUME | task.may_change_on_resume,
                                        num_processes=accelerator.num_processes)
-        checkpoint = find_checkpoint(output_dir, config.resume_from_checkpoint, run_config, report=accelerator.print)
-        if accelerator.is_main_process:
-            check_output_dir(output_dir, checkpoint, run_config, config.overwrite_output_dir)
+        checkpoint = find_checkpoint(output_dir, config.resume_from_checkpoint, run_config, report=accelerator.print,
+                                     hub_repo_id=hub_repo_id, hub_token=config.hub_token)
+        on_main_process(accelerator, lambda: check_output_dir(output_dir, checkpoint, run_config,
+                                                              config.overwrite_output_dir))
         state = RunState.from_checkpoint(checkpoint, run_config)
         set_seed(config.seed)
 
@@ -220,8 +230,22 @@ def train(task: TrainingTask, config: TrainingConfig, command: str) -> dict:
                 save_best_model(accelerator, model, best_dir, state.best, task.processor, files)
 
         def checkpoint_now() -> Path:
-            return save_checkpoint(accelerator, output_dir, state, keep_last=config.checkpoints_total_limit,
+            path = save_checkpoint(accelerator, output_dir, state, keep_last=config.checkpoints_total_limit,
                                    save_extra=task.save_to_checkpoint)
+            if hub:
+                hub.checkpoint_saved(path, state.step, describe_best(), write_best_model if state.best else None)
+            return path
+
+        def describe_best():
+            return (f"validation {task.describe_scores(state.best)} (step {state.best['step']})" if state.best
+                    else "no validation yet")
+
+        def write_best_model(folder):
+            """The best model so far with its results and card, as the output folder will hold it at the end."""
+            results = {**task.run_description(),
+                       **run_results(accelerator, model, state, settings, time.time() - start_time, command)}
+            write_model_folder(folder, best_dir, results, list(task.history_metrics[:2]), task.skip_options.label(),
+                               repo_id=hub_repo_id)
 
         # Training
         start_time = time.time()
@@ -282,10 +306,8 @@ def train(task: TrainingTask, config: TrainingConfig, command: str) -> dict:
         results.update(task.finish(accelerator, best_dir, eval_dataloaders, output_dir))
         finish_output(accelerator, output_dir, best_dir, results, curves=list(task.history_metrics[:2]),
                       label=task.skip_options.label())
-        if config.push_to_hub and accelerator.is_main_process:
-            url = push_to_hub(output_dir, config.hub_model_id or output_dir.name, token=config.hub_token,
-                              ignore_patterns=[*IGNORED_BY_HUB, *task.hub_ignore_patterns])
-            accelerator.print(f"Pushed to {url}")
+        if hub:
+            hub.training_ended(output_dir, state.step, describe_best())
         accelerator.print(f"Saved the best model (step {results['best_step']}: {task.describe_scores(results['validation'])}"
                           f") and results.json to {output_dir}")
         accelerator.end_training()

@@ -1,5 +1,5 @@
-"""What a finished run leaves behind: results.json, the validation curves, the model card, the hardware it took, and
-the upload to the Hub. Also the trackers' hyperparameters.
+"""What a finished run leaves behind: results.json, the validation curves, the model card, the hardware it took (the
+upload to the Hub is `hub`'s). Also the trackers' hyperparameters.
 
 The output folder ends up Hub-ready::
 
@@ -16,12 +16,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from .checkpoints import BEST_MODEL, BEST_SCORES, CHECKPOINTS, write_json
+from .checkpoints import BEST_SCORES, write_json
 from .model_card import write_model_card
-
-# The upload to the Hub leaves out the training state and unfinished folders.
-IGNORED_BY_HUB = [f"{CHECKPOINTS}/*", f"{BEST_MODEL}/*", "logs/*", ".tmp-*", ".old-*"]
-
 
 # Settings whose values are secrets: recorded as None.
 SECRET_SETTINGS = ("hub_token",)
@@ -95,39 +91,31 @@ def plot_curves(histories: dict[str, list[dict]], metrics: list[str], path: str 
 
 def finish_output(accelerator: Accelerator, output_dir: str | Path, best_dir: Path, results: dict, curves: list[str],
                   label: str) -> None:
-    """Make `output_dir` the Hub-ready model folder, on the main process: the files of `best_dir` (not its scores),
-    results.json, validation_curves.png (the `curves` metrics of results' history, labelled `label`) and the model
-    card."""
-    output_dir = Path(output_dir)
+    """Make `output_dir` the Hub-ready model folder, on the main process (`write_model_folder`)."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        for path in best_dir.iterdir():
-            if path.name != BEST_SCORES:
-                (output_dir / path.name).write_bytes(path.read_bytes())
-        write_json(output_dir / "results.json", results)
-        plot_curves({label: results["history"]}, curves, output_dir / "validation_curves.png")
-        write_model_card(output_dir)
+        write_model_folder(output_dir, best_dir, results, curves, label)
 
 
-def push_to_hub(folder: str | Path, repo_id: str, token: str | None = None,
-                ignore_patterns: list[str] | None = None, commit_message: str = "Upload trained model") -> str:
-    """Create the Hub repository `repo_id` if needed and upload `folder` (minus `ignore_patterns`); returns its URL."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    url = api.create_repo(repo_id, exist_ok=True)
-    api.upload_folder(repo_id=repo_id, folder_path=str(folder), ignore_patterns=ignore_patterns,
-                      commit_message=commit_message)
-    return str(url)
+def write_model_folder(folder: str | Path, best_dir: Path, results: dict, curves: list[str], label: str,
+                       repo_id: str | None = None) -> None:
+    """Write into `folder` the files of `best_dir` (not its scores), results.json, validation_curves.png (the `curves`
+    metrics of results' history, labelled `label`) and the model card (for `repo_id`)."""
+    folder = Path(folder)
+    for path in best_dir.iterdir():
+        if path.name != BEST_SCORES:
+            (folder / path.name).write_bytes(path.read_bytes())
+    write_json(folder / "results.json", results)
+    plot_curves({label: results["history"]}, curves, folder / "validation_curves.png")
+    write_model_card(folder, repo_id=repo_id)
 
 
 __all__ = [
-    "IGNORED_BY_HUB",
     "public_settings",
     "init_tracking",
     "describe_hardware",
     "run_results",
     "plot_curves",
     "finish_output",
-    "push_to_hub",
+    "write_model_folder",
 ]
