@@ -28,12 +28,14 @@ from .timm_resnets import (
     RSkipPreActBottleneck,
     patch_timm_resnet,
 )
+from .weights_files import CorruptWeightsFileError
 
 __all__ = [
     "SKIP_VARIANTS",
     "SkipOptions",
     "ConfigFieldError",
     "create_skip",
+    "CorruptWeightsFileError",
     # translation
     "RSkipMarianConfig",
     "RSkipMarianPreTrainedModel",

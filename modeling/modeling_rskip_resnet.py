@@ -20,6 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttenti
 
 from .configuration_rskip_resnet import BACKBONES, RSkipResNetConfig
 from .timm_resnets import create_backbone, rskip_architecture
+from .weights_files import WeightsFileCheckMixin
 
 _RESAMPLING = {"bilinear": PILImageResampling.BILINEAR, "bicubic": PILImageResampling.BICUBIC}
 
@@ -35,7 +36,7 @@ def _create_timm_model(config: RSkipResNetConfig, num_classes: int) -> nn.Module
     )
 
 
-class RSkipResNetPreTrainedModel(PreTrainedModel):
+class RSkipResNetPreTrainedModel(WeightsFileCheckMixin, PreTrainedModel):
     config: RSkipResNetConfig
     base_model_prefix = "timm_model"
     main_input_name = "pixel_values"
