@@ -19,8 +19,8 @@ def main(argv=None):
     parser.add_argument("output_dir", help="A finished run's --output_dir (holding results.json and config.json).")
     parser.add_argument("--repo_id", help="The Hub repository the card describes (default: the run's --hub_model_id "
                                           "or the folder's name).")
-    parser.add_argument("--baseline", help="Another run's output folder (same task), compared in a table; the card lists "
-                                           "the settings in which its command differs besides the skip options.")
+    parser.add_argument("--baseline", help="Another run's output folder (same task), compared in a table; the card "
+                                           "lists the settings in which its command differs besides the skip options.")
     args = parser.parse_args(argv)
     try:
         path = write_model_card(args.output_dir, args.repo_id, args.baseline)

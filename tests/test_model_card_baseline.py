@@ -38,7 +38,8 @@ def record_run(folder, task, skip_variant, command_flags="", **args):
     else:
         skip["skip_norm_dims"] = "chw"
         script, config = "scripts/train_image_classification.py", {
-            "model_type": "rskip_resnet", "backbone": "preact_resnet20", "id2label": {str(i): str(i) for i in range(10)}}
+            "model_type": "rskip_resnet", "backbone": "preact_resnet20",
+            "id2label": {str(i): str(i) for i in range(10)}}
         args = {**IMAGE_ARGS, **args}
         validation = {"loss": 0.9, "top1": 71.5 if skip_variant == "rskip_ln" else 70.2}
     args = {**args, **{key: value for key, value in skip.items()}, "output_dir": str(folder), "hub_token": None}

@@ -23,6 +23,7 @@ from rskip import (
     patch_timm_resnet,
 )
 from rskip.residual import NormSkip, ResidualSkip, ScaledSkip
+from rskip.timm_resnets import STAGES
 
 LEARNED_SCALE = 0.7  # what `randomize` sets a learnable λ to
 
@@ -272,7 +273,7 @@ PATCHED_FAMILIES = {
 @torch.no_grad()
 def test_patched_stock_families_save_and_load_back_with_their_skip_connection(name, tmp_path):
     stock = timm.create_model(name, num_classes=5, **PATCHED_FAMILIES[name])
-    stock_blocks = [type(block) for stage in ("layer1", "layer2", "layer3", "layer4") for block in getattr(stock, stage)]
+    stock_blocks = [type(block) for stage in STAGES for block in getattr(stock, stage)]
     model = randomize(patch_timm_resnet(stock, skip_variant="rskip_ln", skip_recursions=3, skip_norm_dims="c"))
     assert [type(block) for block in model.modules() if hasattr(block, "skip")] == [
         {timm.models.resnet.BasicBlock: RSkipBasicBlock, timm.models.resnet.Bottleneck: RSkipBottleneck}[kind]
