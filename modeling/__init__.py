@@ -29,6 +29,7 @@ from .timm_resnets import (
     RSkipPreActBottleneck,
     patch_timm_resnet,
 )
+from .weights_files import CorruptWeightsFileError
 
 __all__ = [
     "SKIP_VARIANTS",
@@ -36,6 +37,7 @@ __all__ = [
     "ConfigFieldError",
     "create_skip",
     "use_fused_skip",
+    "CorruptWeightsFileError",
     # translation
     "RSkipMarianConfig",
     "RSkipMarianPreTrainedModel",

@@ -2,10 +2,11 @@
 
 import copy
 
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import MarianConfig
 
 from .pipeline_translation import TranslationPipeline
-from .skip_options import SkipOptions, with_skip_docs
+from .skip_options import ConfigFieldError, SkipOptions, check_number, with_skip_docs
 
 # Saved with every config so that `pipeline("translation", model=folder, trust_remote_code=True)` works:
 # transformers 5 has no translation pipeline of its own.
@@ -31,7 +32,9 @@ class RSkipMarianConfig(MarianConfig, SkipOptions.config_fields()):
         Marian starts decoding with the pad token.
 
     An option the chosen variant does not use must keep its default. A bad value raises
-    `ConfigFieldError` (a `ValueError` whose `field`, `value` and `allowed` say what is wrong).
+    `ConfigFieldError` (a `ValueError` whose `field`, `value` and `allowed` say what is wrong): a
+    skip option, a Marian field of the wrong type, a width, head count or layer count out of range,
+    a `d_model` that the attention heads do not divide, or a dropout rate outside [0, 1].
 
     Example:
 
@@ -46,6 +49,7 @@ class RSkipMarianConfig(MarianConfig, SkipOptions.config_fields()):
 
     def __post_init__(self, **kwargs):
         self.skip_options()
+        self.check_shapes()
         # Marian's convention, pad = decoder start = the last id, also when only `vocab_size` is given.
         marian_default = MarianConfig.__dataclass_fields__["pad_token_id"].default
         if self.pad_token_id == marian_default and self.vocab_size <= marian_default:
@@ -62,6 +66,29 @@ class RSkipMarianConfig(MarianConfig, SkipOptions.config_fields()):
         if config_dict.get("model_type") == MarianConfig.model_type:
             config_dict["model_type"] = cls.model_type
         return config_dict, kwargs
+
+    def __setattr__(self, name, value):
+        # MarianConfig is a strict dataclass whose type errors are no ValueError and name no allowed type.
+        try:
+            super().__setattr__(name, value)
+        except StrictDataclassFieldValidationError as error:
+            allowed = self.__dataclass_fields__[name].type
+            raise ConfigFieldError(name, value, getattr(allowed, "__name__", str(allowed)),
+                                   f"has the wrong type ({type(value).__name__})") from error
+
+    def check_shapes(self) -> None:
+        """The sizes and rates that the layers would reject, or crash on, only when built or run."""
+        for name in ("d_model", "encoder_attention_heads", "decoder_attention_heads", "encoder_ffn_dim",
+                     "decoder_ffn_dim"):
+            check_number(name, getattr(self, name), 1, integer=True)
+        for name in ("encoder_layers", "decoder_layers"):
+            check_number(name, getattr(self, name), 0, integer=True)
+        for name in ("encoder_attention_heads", "decoder_attention_heads"):
+            if self.d_model % getattr(self, name):
+                raise ConfigFieldError("d_model", self.d_model, f"a multiple of {name}={getattr(self, name)}",
+                                       "is not divisible by the number of attention heads")
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            check_number(name, getattr(self, name), 0, 1)
 
     def skip_options(self) -> SkipOptions:
         """The validated `skip_*` fields."""

@@ -2,7 +2,7 @@
 
 from transformers import PreTrainedConfig
 
-from .skip_options import ConfigFieldError, ResNetSkipOptions, with_skip_docs
+from .skip_options import ConfigFieldError, ResNetSkipOptions, check_number, with_skip_docs
 
 # The timm models of `timm_resnets`: CIFAR pre-activation ResNets, and timm's ImageNet ResNets with the skip options.
 CIFAR_BACKBONES = ("preact_resnet20", "preact_resnet56", "preact_resnet110", "preact_resnet164")
@@ -24,9 +24,9 @@ class RSkipResNetConfig(PreTrainedConfig, ResNetSkipOptions.config_fields()):
     in_chans (`int`, *optional*, defaults to 3):
         Number of image channels.
     drop_rate (`float`, *optional*, defaults to 0.0):
-        Dropout before the classifier.
+        Dropout before the classifier, in [0, 1].
     drop_path_rate (`float`, *optional*, defaults to 0.0):
-        Stochastic depth rate, rising linearly over the blocks.
+        Stochastic depth rate, rising linearly over the blocks, in [0, 1].
 
     An option the chosen variant does not use must keep its default. A bad value raises `ConfigFieldError` (a
     `ValueError` whose `field`, `value` and `allowed` say what is wrong).
@@ -53,6 +53,10 @@ class RSkipResNetConfig(PreTrainedConfig, ResNetSkipOptions.config_fields()):
         if isinstance(self.in_chans, bool) or not isinstance(self.in_chans, int) or self.in_chans < 1:
             raise ConfigFieldError("in_chans", self.in_chans, "an integer >= 1 (the number of image channels)",
                                    "is not a channel count")
+        check_number("drop_rate", self.drop_rate, 0, 1)
+        check_number("drop_path_rate", self.drop_path_rate, 0, 1)
+        if "num_labels" in kwargs:  # PreTrainedConfig's, not a field: it builds id2label from range(num_labels)
+            check_number("num_labels", kwargs["num_labels"], 0, integer=True)
         self.skip_options()
         super().__post_init__(**kwargs)
 

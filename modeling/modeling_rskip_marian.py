@@ -23,6 +23,7 @@ from transformers.models.marian.modeling_marian import (
 
 from .configuration_rskip_marian import RSkipMarianConfig
 from .residual import NormSkip, ScaledSkip, create_skip
+from .weights_files import WeightsFileCheckMixin
 
 
 class SequenceBatchNorm(nn.BatchNorm1d):
@@ -130,7 +131,7 @@ class RSkipMarianDecoderLayer(MarianDecoderLayer):
         return hidden_states
 
 
-class RSkipMarianPreTrainedModel(MarianPreTrainedModel):
+class RSkipMarianPreTrainedModel(WeightsFileCheckMixin, MarianPreTrainedModel):
     config: RSkipMarianConfig
     config_class = RSkipMarianConfig
     _no_split_modules = ["RSkipMarianEncoderLayer", "RSkipMarianDecoderLayer"]

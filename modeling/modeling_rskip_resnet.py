@@ -20,6 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttenti
 
 from .configuration_rskip_resnet import BACKBONES, RSkipResNetConfig
 from .timm_resnets import create_backbone, rskip_architecture
+from .weights_files import WeightsFileCheckMixin
 
 _RESAMPLING = {"bilinear": PILImageResampling.BILINEAR, "bicubic": PILImageResampling.BICUBIC}
 
@@ -35,7 +36,7 @@ def _create_timm_model(config: RSkipResNetConfig, num_classes: int) -> nn.Module
     )
 
 
-class RSkipResNetPreTrainedModel(PreTrainedModel):
+class RSkipResNetPreTrainedModel(WeightsFileCheckMixin, PreTrainedModel):
     config: RSkipResNetConfig
     base_model_prefix = "timm_model"
     main_input_name = "pixel_values"
@@ -149,6 +150,8 @@ class RSkipResNetPreTrainedModel(PreTrainedModel):
 def _config_kwargs_of(timm_model: nn.Module) -> dict:
     """The `RSkipResNetConfig` fields describing a timm model: its architecture and recorded model arguments."""
     model_args = timm.models.get_model_args(timm_model)
+    # A patched timm ResNet without an `rskip_*` counterpart names its architecture there (`patch_timm_resnet`).
+    architecture = model_args.pop("timm_architecture", None) or timm_model.pretrained_cfg["architecture"]
     if model_args.get("global_pool", "avg") != "avg":
         raise ValueError(f"global_pool={model_args['global_pool']!r}: RSkipResNetConfig models pool with 'avg'")
     config_fields = set(RSkipResNetConfig.__dataclass_fields__)
@@ -158,7 +161,7 @@ def _config_kwargs_of(timm_model: nn.Module) -> dict:
     kwargs = {key: value for key, value in model_args.items() if key in config_fields}
     if timm_model.num_classes:
         kwargs["num_labels"] = timm_model.num_classes
-    return dict(kwargs, backbone=rskip_architecture(timm_model.pretrained_cfg["architecture"]))
+    return dict(kwargs, backbone=rskip_architecture(architecture))
 
 
 class RSkipResNetModel(RSkipResNetPreTrainedModel):

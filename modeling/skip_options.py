@@ -45,6 +45,17 @@ class ConfigFieldError(ValueError):
         super().__init__(f"{field_name}={value!r} {problem}; allowed: {allowed}")
 
 
+def check_number(name: str, value, minimum, maximum=None, integer: bool = False) -> None:
+    """Raise `ConfigFieldError` unless `value` is a number (an integer if `integer`; never a bool) in
+    [minimum, maximum]: the shape and rate fields of the configs, which torch would reject only later."""
+    kind = "an integer" if integer else "a number"
+    allowed = f"{kind} >= {minimum}" if maximum is None else f"{kind} in [{minimum}, {maximum}]"
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise ConfigFieldError(name, value, allowed, f"is not {kind}")
+    if not (minimum <= value and (maximum is None or value <= maximum)):  # also refuses NaN
+        raise ConfigFieldError(name, value, allowed, "is out of range")
+
+
 def option(default, help: str, used_by: tuple[str, ...] = SKIP_VARIANTS, choices: tuple[str, ...] | None = None,
            short: str | None = None):
     """A `skip_*` field: its default, its documentation, the variants that read it, its choices (strings), and the
@@ -205,6 +216,7 @@ __all__ = [
     "LN_VARIANTS",
     "SKIP_NORM_DIMS",
     "ConfigFieldError",
+    "check_number",
     "SkipOptions",
     "ResNetSkipOptions",
     "with_skip_docs",

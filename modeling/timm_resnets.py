@@ -8,7 +8,8 @@ post-activation ResNets then apply the block's final activation, so their norm s
 - `preact_resnet20/56/110/164`: the CIFAR pre-activation ResNets of He et al., "Identity Mappings in Deep Residual
   Networks" (ECCV 2016), built from timm's ResNetV2 parts.
 - `rskip_resnet18/34/50/101/152`: timm's `ResNet` with `RSkipBasicBlock`/`RSkipBottleneck` injected.
-- `patch_timm_resnet`: converts any timm `ResNet` in place, keeping its weights.
+- `patch_timm_resnet`: converts a timm `ResNet` of `BasicBlock`s or `Bottleneck`s in place, keeping its weights;
+  `rskip_timm_resnet` rebuilds such a model from its saved `model_args`.
 
 The `skip_*` keyword arguments of the entrypoints are recorded in the model's timm `model_args`, so `save_for_hf` and
 `push_to_hf_hub` folders load back (after `import rskip`) with the same skip connection.
@@ -29,7 +30,14 @@ from timm.layers import (
     get_norm_act_layer,
     register_notrace_module,
 )
-from timm.models import build_model_with_cfg, generate_default_cfgs, is_model, model_entrypoint, register_model
+from timm.models import (
+    build_model_with_cfg,
+    create_model,
+    generate_default_cfgs,
+    is_model,
+    model_entrypoint,
+    register_model,
+)
 from timm.models._features import feature_take_indices
 from timm.models._input import update_model_args
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
@@ -181,6 +189,10 @@ class RSkipPreActBottleneck(_SkipJoin, PreActBottleneck):
 
 
 _RSKIP_BLOCKS = {BasicBlock: RSkipBasicBlock, Bottleneck: RSkipBottleneck}
+# The stages of timm's `ResNet`; a stage removed by `prune_intermediate_layers` is an `nn.Identity` without blocks.
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+# How a patched timm ResNet without an `rskip_*` entrypoint of its own is recorded.
+PATCHED_ARCHITECTURE = "rskip_timm_resnet"
 
 
 class CifarPreActResNet(ResNetV2):
@@ -290,27 +302,42 @@ def patch_timm_resnet(model: ResNet, **skip_options) -> ResNet:
     """Give every block of a timm `ResNet` the skip connection chosen by ``skip_options``; in place, returns the model.
 
     Weights are kept (`plain` is the unchanged model); new norm weights start at their default (weight 1, bias 0).
-    resnet18/34/50/101/152 are recorded as their `rskip_resnet*` counterpart, so `save_for_hf`/`push_to_hf_hub`
-    folders of the patched model load back with `timm.create_model("local-dir:...", pretrained=True)`.
+    Only timm's `BasicBlock` and `Bottleneck` are converted: every family of `timm.models.resnet` (resnet*, resnet*d,
+    seresnet*, ecaresnet*, resnext*, wide_resnet*, resnetblur*, resnetaa*, resnetrs*, ...). Other blocks of a timm
+    `ResNet` (skresnet*'s SelectiveKernel, ResNeSt's, Res2Net's) raise `ValueError`, before anything is changed.
+
+    The model is recorded so that `save_for_hf`/`push_to_hf_hub` folders load back with
+    `timm.create_model("local-dir:...", pretrained=True)`: resnet18/34/50/101/152 as their `rskip_resnet*`
+    counterpart, any other architecture X as `rskip_timm_resnet` with the model argument ``timm_architecture=X``.
     """
     if not isinstance(model, ResNet):
         raise ValueError(f"model must be a timm ResNet (timm.models.ResNet), got {type(model).__name__}")
     options = ResNetSkipOptions(**skip_options)
-    blocks = [module for module in model.modules() if isinstance(module, (BasicBlock, Bottleneck))]
-    unsupported = [type(block).__name__ for block in blocks if type(block) not in _RSKIP_BLOCKS]
+    blocks = [block for stage in STAGES for block in getattr(model, stage).children()]
+    unsupported = sorted({type(block).__name__ for block in blocks if type(block) not in _RSKIP_BLOCKS})
     if unsupported:
         raise ValueError(
-            f"model has blocks of type {unsupported[0]}; patch_timm_resnet converts timm's BasicBlock and Bottleneck "
-            "(a model patched or built by rskip already has its skip connection)"
+            f"model has blocks of type {', '.join(unsupported)}, which patch_timm_resnet cannot convert; allowed: "
+            "timm's BasicBlock and Bottleneck (the models of timm.models.resnet, e.g. resnet50d, seresnet18, "
+            "ecaresnet26t, resnext50_32x4d, wide_resnet50_2), not the SelectiveKernel (skresnet*), ResNeSt or Res2Net "
+            "blocks; a model patched or built by rskip already has its skip connection"
         )
     for block in blocks:
         block.__class__ = _RSKIP_BLOCKS[type(block)]
         block.add_skip(options)
-    counterpart = f"rskip_{model.pretrained_cfg.get('architecture')}"
-    if counterpart in default_cfgs:
-        model.pretrained_cfg = model.default_cfg = dict(model.pretrained_cfg, architecture=counterpart)
     update_model_args(model, **options.to_dict())
+    architecture = getattr(model, "pretrained_cfg", {}).get("architecture")
+    if f"rskip_{architecture}" in default_cfgs:
+        _record_architecture(model, f"rskip_{architecture}")
+    elif architecture:
+        _record_architecture(model, PATCHED_ARCHITECTURE)
+        update_model_args(model, timm_architecture=architecture)
     return model
+
+
+def _record_architecture(model: ResNet, architecture: str) -> None:
+    """The architecture `save_for_hf` writes to config.json, which `create_model("local-dir:...")` builds."""
+    model.pretrained_cfg = model.default_cfg = dict(model.pretrained_cfg, architecture=architecture)
 
 
 def rskip_architecture(architecture: str) -> str:
@@ -431,6 +458,26 @@ def rskip_resnet152(pretrained: bool = False, **kwargs) -> ResNet:
     """timm's resnet152 with the skip connection chosen by the `skip_*` arguments."""
     model_args = dict(block=RSkipBottleneck, layers=(3, 8, 36, 3))
     return _create_rskip_resnet("rskip_resnet152", pretrained, **dict(model_args, **kwargs))
+
+
+@_register
+def rskip_timm_resnet(pretrained: bool = False, timm_architecture: str | None = None, **kwargs) -> ResNet:
+    """The timm ResNet `timm_architecture` (seresnet18, resnext50_32x4d, ...) patched with the skip connection chosen
+    by the `skip_*` arguments: how `patch_timm_resnet` records architectures without an `rskip_*` entrypoint, so that
+    their saved folders load back (``pretrained=True`` loads such a folder, not the stock weights)."""
+    skip_options = ResNetSkipOptions.pop_from(kwargs)
+    if not isinstance(timm_architecture, str) or not is_model(timm_architecture):
+        raise ValueError(
+            f"timm_architecture={timm_architecture!r} is not a timm model; allowed: a model of timm.models.resnet, "
+            "e.g. resnet18d, seresnet18, resnext50_32x4d"
+        )
+
+    def build(**model_kwargs) -> ResNet:
+        return patch_timm_resnet(create_model(timm_architecture, **model_kwargs), **skip_options.to_dict())
+
+    model = build_model_with_cfg(build, timm_architecture, pretrained, **kwargs)
+    _record_architecture(model, PATCHED_ARCHITECTURE)  # build_model_with_cfg set the stock architecture's cfg
+    return model
 
 
 __all__ = [

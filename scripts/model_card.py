@@ -5,7 +5,8 @@
 The card is filled from the template in `model_cards/` for the run's task (`rskip.training.model_card`): Hub
 metadata (`model-index` with the scores), the residual connection's equation, a usage snippet, the exact command
 that produced the run, the scores with their sacreBLEU signatures, and, with `--baseline`, a table against another
-run of the same command. The training scripts write it at the end of every run.
+run of the same task, with every setting in which the two commands differ besides the residual connection. The
+training scripts write it at the end of every run.
 """
 
 import argparse
@@ -18,7 +19,8 @@ def main(argv=None):
     parser.add_argument("output_dir", help="A finished run's --output_dir (holding results.json and config.json).")
     parser.add_argument("--repo_id", help="The Hub repository the card describes (default: the run's --hub_model_id "
                                           "or the folder's name).")
-    parser.add_argument("--baseline", help="Another run's output folder, compared in a table.")
+    parser.add_argument("--baseline", help="Another run's output folder (same task), compared in a table; the card "
+                                           "lists the settings in which its command differs besides the skip options.")
     args = parser.parse_args(argv)
     try:
         path = write_model_card(args.output_dir, args.repo_id, args.baseline)

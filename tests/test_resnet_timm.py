@@ -23,6 +23,7 @@ from rskip import (
     patch_timm_resnet,
 )
 from rskip.residual import NormSkip, ResidualSkip, ScaledSkip
+from rskip.timm_resnets import STAGES
 
 LEARNED_SCALE = 0.7  # what `randomize` sets a learnable λ to
 
@@ -253,6 +254,69 @@ def test_patch_rejects_other_models_and_patched_models():
         patch_timm_resnet(timm.create_model("rskip_resnet18"))
     with pytest.raises(ValueError, match="skip_variant='rskip'"):
         patch_timm_resnet(timm.create_model("resnet18"), skip_variant="rskip")
+
+
+# Stock timm families (timm.models.resnet: BasicBlock or Bottleneck), shrunk to one block per stage where they are big.
+PATCHED_FAMILIES = {
+    "resnet18": {},  # recorded as its rskip_resnet18 counterpart
+    "resnet10t": {},  # tiered deep stem
+    "resnet26d": dict(layers=(1, 1, 1, 1)),  # deep stem, average-pool downsampling
+    "seresnet18": {},  # squeeze-excitation
+    "ecaresnet26t": dict(layers=(1, 1, 1, 1)),  # efficient channel attention
+    "resnext50_32x4d": dict(layers=(1, 1, 1, 1)),  # grouped convolutions
+    "wide_resnet50_2": dict(layers=(1, 1, 1, 1)),  # wider bottleneck
+    "resnetblur18": {},  # anti-aliased (blur-pool) downsampling
+}
+
+
+@pytest.mark.parametrize("name", PATCHED_FAMILIES)
+@torch.no_grad()
+def test_patched_stock_families_save_and_load_back_with_their_skip_connection(name, tmp_path):
+    stock = timm.create_model(name, num_classes=5, **PATCHED_FAMILIES[name])
+    stock_blocks = [type(block) for stage in STAGES for block in getattr(stock, stage)]
+    model = randomize(patch_timm_resnet(stock, skip_variant="rskip_ln", skip_recursions=3, skip_norm_dims="c"))
+    assert [type(block) for block in model.modules() if hasattr(block, "skip")] == [
+        {timm.models.resnet.BasicBlock: RSkipBasicBlock, timm.models.resnet.Bottleneck: RSkipBottleneck}[kind]
+        for kind in stock_blocks]
+    timm.models.save_for_hf(model, tmp_path, safe_serialization=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    if name == "resnet18":
+        assert config["architecture"] == "rskip_resnet18" and "timm_architecture" not in config["model_args"]
+    else:
+        assert (config["architecture"], config["model_args"]["timm_architecture"]) == ("rskip_timm_resnet", name)
+
+    loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    assert [type(m).__name__ for m in loaded.modules()] == [type(m).__name__ for m in model.modules()]
+    assert loaded.layer1[0].skip.recursions == 3 and isinstance(loaded.layer1[0].skip, LayerNorm2d)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("name, block", [
+    ("skresnet18", "SelectiveKernelBasic"),
+    ("skresnext50_32x4d", "SelectiveKernelBottleneck"),
+    ("resnest14d", "ResNestBottleneck"),
+    ("res2net50_14w_8s", "Bottle2neck"),
+])
+def test_patch_refuses_resnets_of_other_blocks_and_leaves_them_unchanged(name, block):
+    with torch.device("meta"):  # only the module tree matters
+        model = timm.create_model(name, layers=(1, 1, 1, 1))
+    modules, pretrained_cfg = [type(m) for m in model.modules()], dict(model.pretrained_cfg)
+    with pytest.raises(ValueError, match=rf"blocks of type {block}, which patch_timm_resnet cannot convert; allowed: "
+                                         r"timm's BasicBlock and Bottleneck"):
+        patch_timm_resnet(model, skip_variant="rskip_ln")
+    assert [type(m) for m in model.modules()] == modules and not hasattr(model.layer1[0], "skip")
+    assert model.pretrained_cfg == pretrained_cfg and "skip_variant" not in timm.models.get_model_args(model)
+
+
+def test_rskip_timm_resnet_needs_a_timm_architecture():
+    model = timm.create_model("rskip_timm_resnet", timm_architecture="seresnet18", skip_variant="post_ln")
+    assert isinstance(model.layer1[0], RSkipBasicBlock) and model.layer1[0].se is not None
+    for bad in (None, "seresnet_18"):
+        with pytest.raises(ValueError, match=rf"timm_architecture={bad!r} is not a timm model; allowed: a model of"):
+            timm.create_model("rskip_timm_resnet", timm_architecture=bad)
+    with pytest.raises(ValueError, match="blocks of type SelectiveKernelBasic"):
+        timm.create_model("rskip_timm_resnet", timm_architecture="skresnet18")
 
 
 def test_skip_arguments_are_recorded_as_json_model_args():

@@ -324,3 +324,9 @@ def test_from_timm_patched_resnet_keeps_its_skip_connection():
     config = RSkipResNetForImageClassification.from_timm(patched).config
     assert (config.backbone, config.skip_variant, config.skip_scale, config.num_labels) == (
         "rskip_resnet18", "xskip", 0.5, 3)
+
+
+def test_from_timm_names_the_stock_architecture_of_a_patched_resnet_it_has_no_backbone_for():
+    patched = patch_timm_resnet(timm.create_model("seresnet18"), skip_variant="post_ln")
+    with pytest.raises(ValueError, match=r"architecture='seresnet18' has no rskip counterpart; allowed: "):
+        RSkipResNetForImageClassification.from_timm(patched)

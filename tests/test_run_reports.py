@@ -58,7 +58,7 @@ def test_a_card_compares_against_a_baseline_run(translation_runs):
                                        baseline=translation_runs["post_ln"])
     text = path.read_text()
     baseline, ours = results_of(translation_runs["post_ln"]), results_of(translation_runs["rskip_ln"])
-    assert "### Against the post_ln baseline" in text
+    assert "### Against the post_ln baseline\n\nThe same command with only the residual connection changed:" in text
     assert (f"| someone/m30k-rskip (rskip_ln K=2) | {ours['validation']['bleu']} | {ours['validation']['chrf']} | "
             f"{ours['test']['bleu']} | {ours['test']['chrf']} |") in text
     assert (f"| baseline (post_ln) | {baseline['validation']['bleu']} | {baseline['validation']['chrf']} | "

@@ -7,6 +7,7 @@ another run. Every training run writes one at its end; `scripts/model_card.py` r
 """
 
 import json
+import shlex
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -16,6 +17,11 @@ from ..skip_options import ResNetSkipOptions, SkipOptions
 # The templates live at the top of the source tree, beside this package.
 TEMPLATES = Path(__file__).resolve().parents[2] / "model_cards"
 TASKS = {"rskip_marian": "translation", "rskip_resnet": "image_classification"}
+# Settings that say where a run writes, uploads and logs, or when it saves a checkpoint: not what it trains.
+BOOKKEEPING_SETTINGS = frozenset({
+    "output_dir", "hub_model_id", "hub_token", "push_to_hub", "with_tracking", "report_to", "checkpointing_steps",
+    "checkpoints_total_limit", "resume_from_checkpoint", "hub_strategy", "overwrite_output_dir",
+})
 
 
 def read_run(folder: Path) -> tuple[dict, dict]:
@@ -31,6 +37,44 @@ def skip_options_of(results: dict) -> SkipOptions:
     """The skip options a run recorded in its results.json."""
     skip = results["skip"]
     return (ResNetSkipOptions if "skip_norm_dims" in skip else SkipOptions)(**skip)
+
+
+def task_of(folder: Path, config: dict) -> str:
+    """The run's task, from its config.json's model_type."""
+    task = TASKS.get(config.get("model_type"))
+    if task is None:
+        raise ValueError(f"{folder}/config.json has model_type={config.get('model_type')!r}; "
+                         f"model cards are written for {', '.join(TASKS)}")
+    return task
+
+
+def setting_differences(results: dict, base_results: dict) -> list[dict]:
+    """What differs between two runs' commands besides the skip options: the script, and every recorded setting
+    (results.json "args") but the bookkeeping ones. Each entry: the setting, this run's value, the baseline's."""
+    scripts = [Path(shlex.split(run["command"])[0]).name for run in (results, base_results)]
+    differences = [{"setting": "script", "run": scripts[0], "baseline": scripts[1]}] if scripts[0] != scripts[1] else []
+    args, base_args = results["args"], base_results["args"]
+    ignored = BOOKKEEPING_SETTINGS | set(ResNetSkipOptions.__dataclass_fields__)
+    for setting in sorted((args.keys() | base_args.keys()) - ignored):
+        if args.get(setting) != base_args.get(setting):
+            differences.append({"setting": setting, "run": _setting_text(args, setting),
+                                "baseline": _setting_text(base_args, setting)})
+    return differences
+
+
+def _setting_text(args: dict, setting: str) -> str:
+    """A setting's value for a Markdown table cell."""
+    if setting not in args:
+        return "(not recorded)"
+    value = args[setting]
+    return "(not set)" if value is None else f"`{json.dumps(value)}`".replace("|", "\\|")
+
+
+def comparison_of(results: dict, base_results: dict, rows: list[dict], **extra) -> dict:
+    """The template's `comparison`: the baseline's name, the table rows, and the settings that differ."""
+    return {"name": f"the {skip_options_of(base_results).label()} baseline", "rows": rows,
+            "differences": setting_differences(results, base_results),
+            "same_skip": results["skip"] == base_results["skip"], **extra}
 
 
 def describe_variant(skip: dict) -> tuple[str, str]:
@@ -80,8 +124,7 @@ def translation_card(results: dict, config: dict, repo_id: str, baseline: tuple[
         rows.append({"name": f"baseline ({skip_options_of(base_results).label()})", **base_results["validation"],
                      "test_bleu": base_results.get("test", {}).get("bleu"),
                      "test_chrf": base_results.get("test", {}).get("chrf")})
-        comparison = {"name": f"the {skip_options_of(base_results).label()} baseline", "rows": rows,
-                      "has_test": bool(test and base_results.get("test"))}
+        comparison = comparison_of(results, base_results, rows, has_test=bool(test and base_results.get("test")))
     layers = f"{config['encoder_layers']}+{config['decoder_layers']} layers of width {config['d_model']}"
     return card_data, dict(
         source_lang=source_lang, target_lang=target_lang, layers=layers,
@@ -111,10 +154,10 @@ def image_classification_card(results: dict, config: dict, repo_id: str, baselin
     comparison = None
     if baseline:
         base_results, _ = baseline
-        comparison = {"name": f"the {skip_options_of(base_results).label()} baseline", "rows": [
+        comparison = comparison_of(results, base_results, [
             {"name": f"{repo_id} ({skip_options_of(results).label()})", **validation},
             {"name": f"baseline ({skip_options_of(base_results).label()})", **base_results["validation"]},
-        ]}
+        ])
     return card_data, dict(
         backbone=config["backbone"], num_labels=len(config["id2label"]),
         training_summary=(f"{results['steps']} updates (best validation top-1 at update {results['best_step']}), "
@@ -126,16 +169,22 @@ def image_classification_card(results: dict, config: dict, repo_id: str, baselin
 
 
 def write_model_card(output_dir: str | Path, repo_id: str | None = None, baseline: str | Path | None = None) -> Path:
-    """Fill the task's template with the run in `output_dir` and save it as `output_dir/README.md`."""
+    """Fill the task's template with the run in `output_dir` and save it as `output_dir/README.md`; a `baseline` run
+    (of the same task) adds a comparison table and the settings in which its command differs."""
     output_dir = Path(output_dir)
     results, config = read_run(output_dir)
-    task = TASKS.get(config.get("model_type"))
-    if task is None:
-        raise ValueError(f"{output_dir}/config.json has model_type={config.get('model_type')!r}; "
-                         f"model cards are written for {', '.join(TASKS)}")
+    task = task_of(output_dir, config)
+    if baseline is not None:
+        baseline = Path(baseline)
+        base_results, base_config = read_run(baseline)
+        base_task = task_of(baseline, base_config)
+        if base_task != task:
+            raise ValueError(f"the baseline {baseline} is a {base_task} run and {output_dir} a {task} run; "
+                             f"a baseline must be a run of the same task ({task})")
+        baseline = (base_results, base_config)
     repo_id = repo_id or results["args"].get("hub_model_id") or output_dir.name
     make_card = translation_card if task == "translation" else image_classification_card
-    card_data, fields = make_card(results, config, repo_id, read_run(Path(baseline)) if baseline else None)
+    card_data, fields = make_card(results, config, repo_id, baseline)
     card = ModelCard.from_template(
         card_data, template_path=str(TEMPLATES / f"{task}.md"), model_name=repo_id, repo_id=repo_id,
         parameters=f"{results['num_parameters'] / 1e6:.1f}M", command=results["command"],
@@ -145,4 +194,4 @@ def write_model_card(output_dir: str | Path, repo_id: str | None = None, baselin
     return output_dir / "README.md"
 
 
-__all__ = ["read_run", "skip_options_of", "write_model_card"]
+__all__ = ["read_run", "skip_options_of", "setting_differences", "write_model_card"]

@@ -235,7 +235,8 @@ def build_model(args, tokenizer) -> RSkipMarianMTModel:
             config = RSkipMarianConfig.from_pretrained(args.model_name_or_path, **{**base, **SkipOptions.given(args)})
         if args.config_overrides:
             config.update_from_string(args.config_overrides)
-        config.skip_options()
+        config.skip_options()  # overrides bypass the checks made when the config was created: make them again
+        config.check_shapes()
     except ValueError as error:
         raise TrainingError(f"model configuration: {error}") from error
     except OSError as error:
