@@ -26,6 +26,7 @@ from rskip.training.checkpoints import MANIFEST, checkpoint_problem, list_checkp
 from rskip.training.cli import command_line, parse_image_classification_args, parse_translation_args
 from rskip.training.image_classification import load_raw_datasets
 from rskip.training.signals import StopSignals
+from rskip.training.translation import build_model
 from rskip.training.translation import load_raw_datasets as load_translation_pairs
 
 SCRIPT = REPO / "scripts" / "train_image_classification.py"
@@ -290,3 +291,10 @@ def test_with_two_processes_a_data_error_is_one_message(tmp_path, cifar_parquet)
                       f"label"], completed.stderr[-3000:]
     # Neither process shows a traceback (the launcher then reports the failed processes in its own words).
     assert "rskip" not in completed.stderr.replace(str(SCRIPT), "") and "TrainingError" not in completed.stderr
+
+
+def test_config_overrides_are_checked_like_the_config(marian_tokenizer):
+    args = parse_translation_args([*TRANSLATION_BASE[:-2], "--output_dir", "out", "--config_overrides",
+                                   "d_model=30", "--tokenizer_name", marian_tokenizer.name_or_path])
+    with pytest.raises(TrainingError, match=r"model configuration: d_model=30"):
+        build_model(args, marian_tokenizer)
