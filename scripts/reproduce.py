@@ -21,6 +21,7 @@ import os
 import platform
 import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -78,7 +79,7 @@ TRANSLATION_DATA = {
 }
 PRESETS = {
     "gradients": {
-        "mini": dict(depths=[3, 6], variants=["xskip λ=0.5", "rskip_ln K=2"], batch=2, length=4),
+        "mini": dict(depths=[3, 6], variants=["xskip λ=0.5", "rskip_ln K=2"], batch=2, length=4, image_size=8),
         "quick": dict(depths=[6, 12, 24, 48], variants=list(GRADIENT_VARIANTS), batch=8, length=16),
         "full": dict(depths=[6, 12, 24, 48, 96], variants=list(GRADIENT_VARIANTS), batch=32, length=32),
     },
@@ -160,7 +161,8 @@ def marian_at_depth(depth: int, flags: list[str], vocab_size: int = 1000) -> RSk
     options = SkipOptions(**dict(zip([flag[2:] for flag in flags[::2]], [_value(v) for v in flags[1::2]])))
     config = RSkipMarianConfig(**{**MODEL_PRESETS["transformer-tiny"], "encoder_layers": depth,
                                   "decoder_layers": depth}, **options.to_dict(), vocab_size=vocab_size,
-                               pad_token_id=vocab_size - 1, decoder_start_token_id=vocab_size - 1)
+                               pad_token_id=vocab_size - 1, decoder_start_token_id=vocab_size - 1,
+                               max_position_embeddings=64)  # Marian fills its sinusoids in Python: keep them few
     return RSkipMarianMTModel(config)
 
 
@@ -188,7 +190,8 @@ def run_gradients(preset: dict, seeds: int, output_dir: Path, notes: list[str]) 
                 for seed in range(seeds):
                     torch.manual_seed(seed)
                     model = build(depth, GRADIENT_VARIANTS[label])
-                    batch = random_batch(model, preset["batch"], preset["length"], image_size=32, seed=seed)
+                    batch = random_batch(model, preset["batch"], preset["length"],
+                                         image_size=preset.get("image_size", 32), seed=seed)
                     report = measure(model, batch)
                     for stack, summary in report["stacks"].items():
                         records.append({"family": family, "stack": stack, "depth": depth, "variant": label,
@@ -297,7 +300,7 @@ def shared_tokenizer(data_dir: Path, output_dir: Path, vocab_size: int, train_sa
     if not (folder / "tokenizer_config.json").is_file():
         pairs, _ = read_pairs(str(data_dir / "multi30k" / "train"), "en", "de")
         if train_samples:
-            pairs = pairs.select(range(train_samples))
+            pairs = pairs.select(range(min(train_samples, len(pairs))))
         train_marian_tokenizer(pairs["source"][:], pairs["target"][:], folder, vocab_size=vocab_size,
                                source_lang="en", target_lang="de")
     return folder
@@ -549,7 +552,7 @@ def main(argv=None) -> dict:
         preset = dict(preset, models=args.models)
     elif args.models and args.experiment == "bn":
         preset = dict(preset, cifar=dict(preset["cifar"], models=args.models))
-    command = shlex.join(["python", "scripts/reproduce.py", *(argv if argv is not None else os.sys.argv[1:])])
+    command = shlex.join(["python", "scripts/reproduce.py", *(argv if argv is not None else sys.argv[1:])])
     notes: list[str] = []
     started = time.time()
     if args.experiment == "translation" and args.translation_preset != "multi30k":

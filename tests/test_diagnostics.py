@@ -69,6 +69,7 @@ def tiny_marian(options: SkipOptions, layers: int = 2) -> RSkipMarianConfig:
     return RSkipMarianConfig(vocab_size=99, d_model=16, encoder_layers=layers, decoder_layers=layers,
                              encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
                              decoder_ffn_dim=32, pad_token_id=98, decoder_start_token_id=98, dropout=0.3,
+                             max_position_embeddings=16,
                              **options.to_dict())
 
 
