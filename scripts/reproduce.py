@@ -97,8 +97,9 @@ PRESETS = {
         "mini": dict(model="transformer-tiny", layers=1, steps=2, warmup=1, lr=1e-3, max_tokens=128, beams=1, vocab=120,
                      max_length=8,
                      eval_samples=4, train_samples=64, variants=["post_ln", "rskip_ln K=2"]),
-        "quick": dict(model="transformer-tiny", layers=3, steps=80, warmup=20, lr=3e-3, max_tokens=1024, beams=1,
-                      eval_samples=200, train_samples=10000, variants=["post_ln", "xskip_ln λ=2", "rskip_ln K=2"]),
+        "quick": dict(model="transformer-tiny", layers=3, steps=60, warmup=15, lr=3e-3, max_tokens=1024, beams=1,
+                      eval_samples=150, max_length=30, evaluations=1, train_samples=10000,
+                      variants=["post_ln", "xskip_ln λ=2", "rskip_ln K=2"]),
         "full": dict(model="transformer-small", layers=6, steps=20000, warmup=4000, lr=5e-4, max_tokens=4096,
                      beams=4, eval_samples=None, train_samples=None,
                      variants=["post_ln", "pre_ln", "xskip_ln λ=2", "rskip_ln K=2", "rskip_ln K=3"]),
@@ -107,8 +108,8 @@ PRESETS = {
         "mini": dict(models=["preact_resnet20"], steps=2, batch=8, train_samples=32, eval_samples=16, validation_size=16,
                      variants=["plain", "rskip_ln K=2"]),
         # --models preact_resnet20 preact_resnet56 for both; -56 alone takes about three times -20's time.
-        "quick": dict(models=["preact_resnet20"], steps=20, batch=32, train_samples=2000, eval_samples=500,
-                      variants=["plain", "xskip λ=0.5", "xskip_ln λ=2", "rskip_ln K=2", "rskip_bn K=2"]),
+        "quick": dict(models=["preact_resnet20"], steps=100, batch=64, train_samples=10000, eval_samples=1000,
+                      variants=list(CIFAR_VARIANTS)),
         "full": dict(models=["preact_resnet110"], steps=64000, batch=128, train_samples=None, eval_samples=None,
                      variants=list(CIFAR_VARIANTS)),
     },
@@ -116,9 +117,10 @@ PRESETS = {
 PRESETS["bn"] = {
     "mini": dict(translation=dict(PRESETS["translation"]["mini"], variants=["xskip_ln λ=2", "xskip_bn λ=2"]),
                  cifar=dict(PRESETS["cifar"]["mini"], variants=["xskip_ln λ=2", "xskip_bn λ=2"])),
-    "quick": dict(translation=dict(PRESETS["translation"]["quick"], steps=50, eval_samples=100,
+    "quick": dict(translation=dict(PRESETS["translation"]["quick"], steps=40, eval_samples=100,
                                    variants=["rskip_ln K=2", "rskip_bn K=2"]),
-                  cifar=dict(PRESETS["cifar"]["quick"], steps=15, variants=list(BN_VARIANTS))),
+                  cifar=dict(PRESETS["cifar"]["quick"], steps=10, batch=32, train_samples=2000, eval_samples=500,
+                             variants=list(BN_VARIANTS))),
     "full": dict(translation=dict(PRESETS["translation"]["full"], variants=list(BN_VARIANTS)),
                  cifar=dict(PRESETS["cifar"]["full"], variants=list(BN_VARIANTS))),
 }
@@ -333,7 +335,8 @@ def run_translation_grid(preset: dict, seeds: int, output_dir: Path, data_dir: P
         for seed in range(seeds):
             run_dir = output_dir / "runs" / f"{label.replace(' ', '_')}-seed{seed}"
             flags = {**TRANSLATION_VARIANTS, **BN_VARIANTS}[label]
-            result = train_translation(translation_args(preset, flags, seed, run_dir, data_dir, tokenizer, data))
+            result = train_translation(translation_args(preset, flags, seed, run_dir, data_dir, tokenizer, data,
+                                                        evaluations=preset.get("evaluations", 2)))
             runs.append({"variant": label, "seed": seed, **summarise_translation(result)})
     metrics = [("validation", "bleu"), ("validation", "chrf"), ("validation", "loss"), ("test", "bleu"),
                ("test", "chrf")]

@@ -6,7 +6,7 @@ import json
 import pytest
 from datasets import load_dataset
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, read_lines
 from translation_helpers import tiny_args, write_pairs
 
 
@@ -58,13 +58,13 @@ def test_translation(data_dir, tmp_path):
 
 
 def test_cifar(data_dir, tmp_path):
-    results, report = run("cifar", data_dir, tmp_path)
+    results, report = run("cifar", data_dir, tmp_path, "--seeds", "1")
     assert [run_["variant"] for run_ in results["runs"]] == ["plain", "rskip_ln K=2"]
     assert "preact_resnet20" in report
 
 
 def test_bn(data_dir, tmp_path):
-    results, report = run("bn", data_dir, tmp_path)
+    results, report = run("bn", data_dir, tmp_path, "--seeds", "1")
     assert "### Translation" in report and "### CIFAR-10" in report and "xskip_bn" in report
 
 
@@ -77,14 +77,18 @@ def test_verdict_calls_a_gap_within_the_seeds_spread_no_difference():
     assert reproduce.verdict([35.0], [30.0]) == "no difference"  # one seed: no spread to compare with
 
 
-def test_diagnostics_steps_are_logged_and_leave_the_run_unchanged(tmp_path, data_dir, marian_tokenizer):
+def test_diagnostics_steps_are_logged_and_leave_the_run_unchanged(tmp_path, data_dir, multi30k_dir):
     import train_translation
+    from rskip.tokenization import train_marian_tokenizer
 
     data = data_dir / "multi30k"
+    tokenizer = tmp_path / "tokenizer"
+    train_marian_tokenizer(read_lines(multi30k_dir / "train.en.gz", 300), read_lines(multi30k_dir / "train.de.gz", 300),
+                           tokenizer, vocab_size=400, source_lang="en", target_lang="de")
     (data / "valid.en").write_text((data / "val.en").read_text())
     (data / "valid.de").write_text((data / "val.de").read_text())
-    plain = train_translation.main(tiny_args(data, tmp_path / "plain", marian_tokenizer))
-    measured = train_translation.main(tiny_args(data, tmp_path / "measured", marian_tokenizer,
+    plain = train_translation.main(tiny_args(data, tmp_path / "plain", tokenizer))
+    measured = train_translation.main(tiny_args(data, tmp_path / "measured", tokenizer,
                                                 "--diagnostics_steps", "0,2"))
     assert measured["validation"]["loss"] == plain["validation"]["loss"]
     diagnostics = json.loads((tmp_path / "measured" / "diagnostics.json").read_text())
