@@ -68,6 +68,7 @@ BN_VARIANTS = {
     "xskip_ln λ=2": skip("xskip_ln", scale=2.0), "xskip_bn λ=2": skip("xskip_bn", scale=2.0),
     "rskip_ln K=2": skip("rskip_ln", recursions=2), "rskip_bn K=2": skip("rskip_bn", recursions=2),
 }
+ALL_VARIANTS = {**GRADIENT_VARIANTS, **TRANSLATION_VARIANTS, **CIFAR_VARIANTS, **BN_VARIANTS}
 
 # Sizes per experiment and preset. "mini" is the tests' (seconds), "quick" a CPU's, "full" the paper's scale.
 TRANSLATION_DATA = {
@@ -191,7 +192,7 @@ def run_gradients(preset: dict, seeds: int, output_dir: Path, notes: list[str]) 
             for label in preset["variants"]:
                 for seed in range(seeds):
                     torch.manual_seed(seed)
-                    model = build(depth, GRADIENT_VARIANTS[label])
+                    model = build(depth, ALL_VARIANTS[label])
                     batch = random_batch(model, preset["batch"], preset["length"],
                                          image_size=preset.get("image_size", 32), seed=seed)
                     report = measure(model, batch)
@@ -334,7 +335,7 @@ def run_translation_grid(preset: dict, seeds: int, output_dir: Path, data_dir: P
     for label in preset["variants"]:
         for seed in range(seeds):
             run_dir = output_dir / "runs" / f"{label.replace(' ', '_')}-seed{seed}"
-            flags = {**TRANSLATION_VARIANTS, **BN_VARIANTS}[label]
+            flags = ALL_VARIANTS[label]
             result = train_translation(translation_args(preset, flags, seed, run_dir, data_dir, tokenizer, data,
                                                         evaluations=preset.get("evaluations", 2)))
             runs.append({"variant": label, "seed": seed, **summarise_translation(result)})
@@ -407,7 +408,7 @@ def run_stability(preset: dict, seeds: int, output_dir: Path, data_dir: Path, no
             for label in preset["variants"]:
                 for seed in range(seeds):
                     run_dir = output_dir / "runs" / f"d{depth}-lr{lr}-w{warmup}-{label.replace(' ', '_')}-seed{seed}"
-                    argv = translation_args(base, STABILITY_VARIANTS[label], seed, run_dir, data_dir, tokenizer,
+                    argv = translation_args(base, ALL_VARIANTS[label], seed, run_dir, data_dir, tokenizer,
                                             layers=depth, lr=lr, warmup=warmup, max_tokens=preset["max_tokens"],
                                             steps=preset["steps"], evaluations=1)
                     argv.remove("--test_file")
@@ -465,7 +466,7 @@ def run_cifar(preset: dict, seeds: int, output_dir: Path, data_dir: Path, notes:
         for label in preset["variants"]:
             for seed in range(seeds):
                 run_dir = output_dir / "runs" / f"{model}-{label.replace(' ', '_')}-seed{seed}"
-                argv = cifar_args(preset, model, {**CIFAR_VARIANTS, **BN_VARIANTS}[label], seed, run_dir, data_dir)
+                argv = cifar_args(preset, model, ALL_VARIANTS[label], seed, run_dir, data_dir)
                 args = parse_image_classification_args(argv)
                 command = shlex.join(["python", "scripts/train_image_classification.py", *argv])
                 try:
@@ -537,6 +538,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="translation: the data (iwslt15 and wmt14 come from the Hub, for GPU users; wmt14 "
                              "compares transformer-base with rSkip+LN against transformer-big with post-LN).")
     parser.add_argument("--models", nargs="+", help="cifar, bn: the CIFAR models (default: the preset's).")
+    parser.add_argument("--variants", nargs="+", help="The variants to compare, by their labels (default: the "
+                        "preset's; e.g. plain 'rskip_ln K=2'); the first is the reference.")
     parser.add_argument("--data_dir", type=Path, default=DATA, help="The offline data (multi30k/, cifar10/).")
     parser.add_argument("--output_dir", type=Path, help="Default: runs/reproduce/<experiment>-<preset>.")
     args = parser.parse_args(argv)
@@ -551,6 +554,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     preset = PRESETS[args.experiment][args.preset]
+    if args.variants and args.experiment != "bn":
+        unknown = [label for label in args.variants if label not in ALL_VARIANTS]
+        if unknown:
+            raise SystemExit(f"unknown --variants {unknown}; known: {', '.join(ALL_VARIANTS)}")
+        preset = dict(preset, variants=args.variants)
     if args.models and args.experiment == "cifar":
         preset = dict(preset, models=args.models)
     elif args.models and args.experiment == "bn":
