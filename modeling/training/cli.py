@@ -125,6 +125,14 @@ def steps_or_epoch(text: str) -> int | str:
     raise argparse.ArgumentTypeError(f"expected a number of steps or 'epoch', got {text!r}")
 
 
+def step_list(text: str) -> tuple[int, ...]:
+    """--diagnostics_steps: comma-separated numbers of updates >= 0."""
+    steps = text.split(",")
+    if not all(step.strip().isdigit() for step in steps):
+        raise argparse.ArgumentTypeError(f"expected numbers of updates >= 0 separated by commas, got {text!r}")
+    return tuple(sorted({int(step) for step in steps}))
+
+
 def add_skip_arguments(parser: argparse.ArgumentParser, options_class: type[SkipOptions], default: str) -> None:
     """A `--<field>` flag for every field of `options_class`, left None unless given. `default` says which variant
     a run gets without `--skip_variant`."""
@@ -167,6 +175,10 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Start a new run in an --output_dir that holds another one, deleting that run's files.")
 
     logging = parser.add_argument_group("logging and the Hub")
+    logging.add_argument("--diagnostics_steps", type=step_list, default=(),
+                         help="Measure per-sublayer gradient norms and the output change under one Adam step after "
+                              "these updates (0: at initialisation), e.g. 0,100,1000: diagnostics.json and "
+                              "diagnostics.png in --output_dir (rskip.diagnostics).")
     logging.add_argument("--with_tracking", action="store_true")
     logging.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "trackio", "wandb", "all"])
     logging.add_argument("--push_to_hub", action="store_true")

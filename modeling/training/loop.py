@@ -43,7 +43,7 @@ from .signals import RunStopped, StopSignals
 MAY_CHANGE_ON_RESUME = {
     "output_dir", "resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit", "eval_steps",
     "with_tracking", "report_to", "push_to_hub", "hub_model_id", "hub_token", "hub_strategy",
-    "overwrite_output_dir",
+    "overwrite_output_dir", "diagnostics_steps",
 }
 
 
@@ -71,6 +71,7 @@ class TrainingConfig:
     hub_model_id: str | None = None
     hub_token: str | None = None
     hub_strategy: str = "end"
+    diagnostics_steps: tuple[int, ...] = ()
 
     def __post_init__(self):
         def check(name: str, valid: bool, allowed: str):
@@ -95,6 +96,8 @@ class TrainingConfig:
         check("checkpointing_steps", self.checkpointing_steps in (None, "epoch") or (
             is_int(self.checkpointing_steps) and self.checkpointing_steps >= 1), "None, an integer >= 1 or 'epoch'")
         check("hub_strategy", self.hub_strategy in HUB_STRATEGIES, ", ".join(HUB_STRATEGIES))
+        check("diagnostics_steps", all(is_int(step) and step >= 0 for step in self.diagnostics_steps),
+              "integers >= 0 (0: at initialisation)")
 
     @classmethod
     def from_args(cls, args) -> "TrainingConfig":
@@ -247,6 +250,9 @@ def train(task: TrainingTask, config: TrainingConfig, command: str) -> dict:
             write_model_folder(folder, best_dir, results, list(task.history_metrics[:2]), task.skip_options.label(),
                                repo_id=hub_repo_id)
 
+        diagnostics = Diagnostics(config.diagnostics_steps, eval_dataloaders["validation"], task.batch_loss)
+        diagnostics.maybe_run(accelerator, model, state.step)
+
         # Training
         start_time = time.time()
         if state.batches_in_epoch >= len(train_dataloader):  # checkpointed after the last batch of an epoch
@@ -275,6 +281,7 @@ def train(task: TrainingTask, config: TrainingConfig, command: str) -> dict:
                                      f"train/{task.count_name}": num_items, "train/epoch": state.epoch,
                                      **({"train/grad_norm": grad_norm.item()} if grad_norm is not None else {})},
                                     step=state.step)
+                    diagnostics.maybe_run(accelerator, model, state.step)
                     done = state.step >= max_train_steps
                     if done or is_due(config.eval_steps, state.step):
                         validate()
@@ -306,12 +313,54 @@ def train(task: TrainingTask, config: TrainingConfig, command: str) -> dict:
         results.update(task.finish(accelerator, best_dir, eval_dataloaders, output_dir))
         finish_output(accelerator, output_dir, best_dir, results, curves=list(task.history_metrics[:2]),
                       label=task.skip_options.label())
+        diagnostics.save(accelerator, output_dir, label=task.skip_options.label())
         if hub:
             hub.training_ended(output_dir, state.step, describe_best())
         accelerator.print(f"Saved the best model (step {results['best_step']}: {task.describe_scores(results['validation'])}"
                           f") and results.json to {output_dir}")
         accelerator.end_training()
         return results
+
+
+class Diagnostics:
+    """`--diagnostics_steps`: per-sublayer gradient norms and the output change under one Adam step
+    (`rskip.diagnostics.measure`) after the chosen updates (0: at initialisation), on the first validation batch,
+    with the task's loss. Logged to the trackers; `save` writes diagnostics.json and diagnostics.png. Measuring
+    draws no random number and leaves the weights and gradients as they were, so the run is unchanged."""
+
+    def __init__(self, steps: tuple[int, ...], dataloader, batch_loss):
+        self.steps, self.dataloader, self.batch_loss = set(steps), dataloader, batch_loss
+        self.batch, self.reports = None, {}
+
+    def maybe_run(self, accelerator: Accelerator, model, step: int) -> None:
+        if step not in self.steps or step in self.reports:
+            return
+        from ..diagnostics import measure
+
+        if self.batch is None:
+            self.batch = next(iter(self.dataloader))
+
+        def loss_fn(measured, batch):
+            loss = self.batch_loss(measured, batch)
+            logits = measured(**{key: value for key, value in batch.items() if key != "labels"}).logits
+            return loss / (batch["labels"] != -100).sum(), logits
+
+        report = measure(accelerator.unwrap_model(model), self.batch, loss_fn=loss_fn)
+        self.reports[step] = report
+        accelerator.log({"diagnostics/gradient_ratio": report["gradient_ratio"],
+                         "diagnostics/output_change": report["output_change"]}, step=step)
+        accelerator.print(f"step {step}: diagnostics: first/last sublayer gradient norm "
+                          f"{report['gradient_ratio']:.3g}, output change under one Adam step {report['output_change']:.3g}")
+
+    def save(self, accelerator: Accelerator, output_dir: Path, label: str) -> None:
+        if not self.reports or not accelerator.is_main_process:
+            return
+        from ..diagnostics import plot_layers
+        from .checkpoints import write_json
+
+        write_json(output_dir / "diagnostics.json", {str(step): report for step, report in self.reports.items()})
+        plot_layers({f"{label}, step {step}": report for step, report in sorted(self.reports.items())},
+                    output_dir / "diagnostics.png")
 
 
 def is_due(every: int | str | None, step: int) -> bool:
