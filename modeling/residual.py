@@ -63,7 +63,7 @@ class NormSkip(ResidualSkip):
     Mixed into the host's norm class by `create_skip`; the module itself is N_1. Where the norm is a LayerNorm
     (tokens, or feature maps over (C, H, W) or C) the K steps run as one fused op (`rskip.fused_skip`), which keeps
     one tensor for the backward pass whatever K is; `reference_forward` is the loop over the norm modules, used for
-    BatchNorm and under ``rskip.use_fused_skip(False)``.
+    BatchNorm, under ``rskip.use_fused_skip(False)``, and for inference without gradients on CPU.
     """
 
     norm_layer: type[nn.Module]
@@ -87,6 +87,9 @@ class NormSkip(ResidualSkip):
 
     def forward(self, x, h):
         if self.fused_norm_dims is None or not fused_skip_enabled():
+            return self.reference_forward(x, h)
+        if not torch.is_grad_enabled() and x.device.type == "cpu":
+            # Inference on CPU: the op would save nothing here and runs the same kernels; the loop skips its overhead.
             return self.reference_forward(x, h)
         norms = [self] * self.recursions if self.share_norm else [self, *self.recursion_norms]
         weight = torch.stack([norm.weight for norm in norms])

@@ -260,3 +260,17 @@ def test_op_runs_where_triton_is_missing(run_python):
         "print('ok', x.grad.shape)\n"
     )
     assert "ok" in run_python(script).stdout
+
+
+def test_cpu_inference_without_gradients_runs_the_loop_and_training_the_op(monkeypatch):
+    import rskip.residual
+
+    calls = []
+    monkeypatch.setattr(rskip.residual, "skip_norm", lambda *args: calls.append(args) or args[1])
+    skip = rskip.create_skip(rskip.SkipOptions(skip_variant="rskip_ln", skip_recursions=2), 8)
+    x, h = torch.randn(4, 8), torch.randn(4, 8)
+    with torch.no_grad():
+        skip(x, h)
+    assert calls == []
+    skip(x, h)
+    assert len(calls) == 1
