@@ -10,7 +10,6 @@ column of {lang: text} pairs, or one column per language), JSON lines in the sam
 PREFIX.<lang>[.gz]. Settings are read from `args`, a parsed command line (`rskip.training.cli`).
 """
 
-import math
 from pathlib import Path
 
 import evaluate as hf_evaluate
