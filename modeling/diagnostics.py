@@ -1,7 +1,7 @@
 """Diagnostics of the residual family: per-layer gradient norms and the output change under a parameter update.
 
 Two measures, for any model of this package and for stock Marian and timm ResNets, at initialisation or at any
-point of a run (`scripts/train_*.py --diagnostics_steps 0,100`):
+point of a run (`rskip-train-* --diagnostics_steps 0,100`):
 
 - **Gradient norms** per residual sublayer: the L2 norm of the loss gradient over the parameters of each layer's
   sublayers (Marian: `self_attn`, `cross_attn` and `ffn` of every encoder and decoder layer, each with its skip/norm;

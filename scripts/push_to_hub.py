@@ -1,34 +1,7 @@
-"""Push a finished training run's output folder to the Hub.
+"""`rskip-push-to-hub` from a clone of the repository (the same command, installed with the package); its code and flags are in
+`rskip.commands.push_to_hub`: `rskip-push-to-hub --help`."""
 
-    python scripts/push_to_hub.py runs/m30k-rskip_ln user/m30k-rskip [--private] [--revision R] [--create_pr]
-
-Checks that the folder is a complete run (and says what is missing), rewrites its model card for REPO_ID from its
-results, checks the token and the repository, then uploads the model folder without the training state
-(`rskip.training.hub.push_finished_run`). Image models also go up in timm's format. The token is --token, else
-HF_TOKEN or `hf auth login`'s.
-"""
-
-import argparse
-
-from rskip.training.cli import run_main
-from rskip.training.hub import push_finished_run
-
-
-def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", help="A finished run's --output_dir.")
-    parser.add_argument("repo_id", help="The Hub repository, user/name; created if needed.")
-    parser.add_argument("--private", action="store_true", help="Create the repository private.")
-    parser.add_argument("--revision", help="A branch to push to (created from main if needed).")
-    parser.add_argument("--create_pr", action="store_true", help="Open a pull request instead of committing.")
-    parser.add_argument("--commit_message")
-    parser.add_argument("--token")
-    args = parser.parse_args(argv)
-    url = push_finished_run(args.run_dir, args.repo_id, token=args.token, private=args.private or None,
-                            revision=args.revision, create_pr=args.create_pr, commit_message=args.commit_message)
-    print(f"pushed {args.run_dir} to {url}")
-    return url
-
+from rskip.commands.push_to_hub import run
 
 if __name__ == "__main__":
-    run_main(main)
+    run()

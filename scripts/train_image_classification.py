@@ -1,31 +1,7 @@
-"""Train an image classifier whose residual connections come from the family of Liu et al., "Rethinking Skip
-Connection with Layer Normalization in Transformers and ResNets" (COLING 2020) -- by default rSkip+LN,
-y = LN_2(x + LN_1(x + F(x))) -- with Accelerate: one process, many GPUs or many machines.
+"""`rskip-train-image-classification` from a clone of the repository (the same command, installed with the package); its code and flags are in
+`rskip.commands.train_image_classification`: `rskip-train-image-classification --help`."""
 
-    # CIFAR-10 from the Hub, on the paper's PreAct-ResNet-110
-    accelerate launch scripts/train_image_classification.py --dataset_name uoft-cs/cifar10 \
-        --model preact_resnet110 --skip_variant rskip_ln --output_dir runs/c10-rskip
-    # a local parquet file (validation: its last rows), or image folders (one subfolder per class)
-    python scripts/train_image_classification.py --train_file ../shared/data/cifar10/train.parquet \
-        --model preact_resnet20 --skip_variant post_ln --output_dir runs/c10-post-ln
-    accelerate launch scripts/train_image_classification.py --train_dir imagenette/train \
-        --validation_dir imagenette/val --model resnet50.a1_in1k --pretrained --skip_variant rskip_ln ...
-
-The flags are in `rskip.training.cli`, the task (data, augmentation, model, evaluation) in
-`rskip.training.image_classification`, the run in `rskip.training.train`. The output folder ends up a Hub-ready
-model folder (the best checkpoint by validation top-1 accuracy, with its custom code, class names and image
-processor) plus `results.json`; `checkpoints/` holds resumable training states.
-"""
-
-from rskip.training import TrainingConfig, train
-from rskip.training.cli import command_line, parse_image_classification_args, run_main
-from rskip.training.image_classification import ImageClassificationTask
-
-
-def main(argv=None):
-    args = parse_image_classification_args(argv)
-    return train(ImageClassificationTask(args), TrainingConfig.from_args(args), command_line(__file__, argv))
-
+from rskip.commands.train_image_classification import run
 
 if __name__ == "__main__":
-    run_main(main)
+    run()

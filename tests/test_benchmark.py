@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-import benchmark
+from rskip.commands import benchmark
 
 
 @pytest.fixture(autouse=True)

@@ -21,9 +21,9 @@ from huggingface_hub.errors import HfHubHTTPError
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification
 
-import push_to_hub
-import train_image_classification
-import train_translation
+from rskip.commands import push_to_hub
+from rskip.commands import train_image_classification
+from rskip.commands import train_translation
 from rskip.training import TrainingError
 from rskip.training.hub import check_hub_access, download_last_checkpoint
 from rskip.training.translation import TranslationTask

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-import model_card
+from rskip.commands import model_card
 from rskip.training.model_card import setting_differences, write_model_card
 
 SIGNATURE = "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0"
@@ -30,14 +30,14 @@ def record_run(folder, task, skip_variant, command_flags="", **args):
     skip = {"skip_variant": skip_variant, "skip_scale": 1.0, "skip_recursions": 2, "skip_share_norm": False,
             "skip_learnable_scale": False}
     if task == "translation":
-        script, config = "scripts/train_translation.py", {
+        script, config = "rskip-train-translation", {
             "model_type": "rskip_marian", "encoder_layers": 3, "decoder_layers": 3, "d_model": 256}
         args = {**TRANSLATION_ARGS, **args}
         validation = {"loss": 2.5, "bleu": 30.1 if skip_variant == "rskip_ln" else 29.4, "chrf": 55.0,
                       "bleu_signature": f"BLEU {SIGNATURE}", "chrf_signature": "chrF2 nrefs:1"}
     else:
         skip["skip_norm_dims"] = "chw"
-        script, config = "scripts/train_image_classification.py", {
+        script, config = "rskip-train-image-classification", {
             "model_type": "rskip_resnet", "backbone": "preact_resnet20",
             "id2label": {str(i): str(i) for i in range(10)}}
         args = {**IMAGE_ARGS, **args}
@@ -99,9 +99,9 @@ def test_differences_cover_the_script_and_settings_one_run_lacks_but_not_skip_op
                                   report_to="wandb", hub_model_id="me/a", skip_recursions=3)
                        / "results.json").read_text())
     base = json.loads((record_run(tmp_path / "b", "translation", "post_ln") / "results.json").read_text())
-    base["command"] = base["command"].replace("train_translation.py", "trainer_translation.py")
+    base["command"] = base["command"].replace("rskip-train-translation", "python scripts/trainer_translation.py")
     assert setting_differences(ours, base) == [
-        {"setting": "script", "run": "train_translation.py", "baseline": "trainer_translation.py"},
+        {"setting": "script", "run": "rskip-train-translation", "baseline": "trainer_translation.py"},
         {"setting": "joint_vocab", "run": "`true`", "baseline": "(not recorded)"},
     ]
     assert setting_differences(ours, ours) == []

@@ -18,7 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import train_image_classification as train
+from rskip.commands import train_image_classification as train
 from conftest import REPO
 from image_helpers import cifar_parquet, cifar_rows, one_torch_thread, tiny_args, write_image_folder  # noqa: F401
 from rskip.training import TrainingConfig, TrainingError

@@ -23,7 +23,7 @@ def data_dir(tmp_path_factory, multi30k_dir):
 
 
 def run(experiment, data_dir, tmp_path, *extra):
-    import reproduce
+    from rskip.commands import reproduce
 
     output_dir = tmp_path / experiment
     results = reproduce.main([experiment, "--mini", "--data_dir", str(data_dir), "--output_dir", str(output_dir),
@@ -69,7 +69,7 @@ def test_bn(data_dir, tmp_path):
 
 
 def test_verdict_calls_a_gap_within_the_seeds_spread_no_difference():
-    import reproduce
+    from rskip.commands import reproduce
 
     assert reproduce.verdict([30.0, 31.0, 32.0], [30.5, 31.5, 32.5]) == "no difference"
     assert reproduce.verdict([35.0, 35.1, 35.2], [30.0, 30.1, 30.2]) == "better"

@@ -4,12 +4,12 @@ command, and the comparison of several runs (table and curves)."""
 import json
 
 import pytest
-import train_image_classification
-import train_translation
+from rskip.commands import train_image_classification
+from rskip.commands import train_translation
 from huggingface_hub import ModelCard
 
-import compare_runs
-import model_card
+from rskip.commands import compare_runs
+from rskip.commands import model_card
 from rskip.training.model_card import write_model_card
 from image_helpers import cifar_parquet, one_torch_thread, tiny_args as image_args  # noqa: F401
 from translation_helpers import tiny_args as translation_args
@@ -45,8 +45,8 @@ def test_a_translation_run_writes_its_card(translation_runs):
     for split in ("validation", "test"):
         for metric in ("bleu", "chrf"):
             assert scores[(split, metric)] == (results[split][metric], results[split][f"{metric}_signature"])
-    assert f"python {results['command']}" in card.text
-    assert results["command"].startswith(train_translation.__file__) and "--skip_variant rskip_ln" in results["command"]
+    assert f"\n{results['command']}\n" in card.text
+    assert results["command"].startswith("rskip-train-translation ") and "--skip_variant rskip_ln" in results["command"]
     assert "rSkip+LN) with K = 2" in card.text and "LN_k(x + y_{k-1})" in card.text
     assert 'pipeline("translation", model="m30k-rskip_ln", trust_remote_code=True)' in card.text
     assert results["validation"]["bleu_signature"] in card.text
@@ -77,7 +77,7 @@ def test_an_image_run_writes_its_card(tmp_path, cifar_parquet):  # noqa: F811
     assert (result.metric_type, result.metric_value) == ("accuracy", results["validation"]["top1"])
     assert "with λ = 2.0" in card.text and "LN(λ·x + F(x))" in card.text
     assert "`preact_resnet20` image classifier" in card.text and "10 classes" in card.text
-    assert f"python {results['command']}" in card.text
+    assert f"\n{results['command']}\n" in card.text
 
 
 def test_a_folder_that_is_not_a_run_is_refused(tmp_path, capsys):

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from transformers import pipeline
 
-import train_image_classification as train
+from rskip.commands import train_image_classification as train
 from rskip.training import image_classification
 from rskip.training.cli import parse_image_classification_args
 from conftest import REPO

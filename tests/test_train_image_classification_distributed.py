@@ -1,4 +1,4 @@
-"""scripts/train_image_classification.py under `accelerate launch` with two processes (DDP over gloo, on CPU)."""
+"""`accelerate launch -m rskip.commands.train_image_classification` with two processes (DDP over gloo, on CPU)."""
 
 import json
 import os
@@ -12,10 +12,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.utils.data import default_collate
 
-import train_image_classification as train
+from rskip.commands import train_image_classification as train
 from rskip.training import image_classification
 from rskip.training.cli import parse_image_classification_args
-from conftest import REPO
 from image_helpers import cifar_parquet, one_torch_thread, tiny_args  # fixtures: cifar_parquet, one_torch_thread
 from rskip import RSkipResNetForImageClassification
 
@@ -46,8 +45,7 @@ def test_two_processes_train_as_one_process_accumulating_two_micro_batches(tmp_p
     # `--cpu` would make `accelerate launch` start a single process: torchrun's launcher, told to stay on the CPU.
     command = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(REPO / "scripts" / "train_image_classification.py"),
-               *tiny_args(cifar_parquet, tmp_path / "ddp", *common)]
+               "-m", "rskip.commands.train_image_classification", *tiny_args(cifar_parquet, tmp_path / "ddp", *common)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300,
                                env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
     assert completed.returncode == 0, completed.stderr[-3000:]

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import train_image_classification as train
+from rskip.commands import train_image_classification as train
 from rskip.training import image_classification
 from rskip.training.cli import parse_image_classification_args
 from conftest import REPO

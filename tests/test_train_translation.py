@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, MarianConfig, MarianMTModel
 
-import train_translation
+from rskip.commands import train_translation
 from rskip.training import translation
 from rskip.training.cli import parse_translation_args
 from conftest import REPO, read_lines

@@ -1,4 +1,5 @@
-"""scripts/train_translation.py under `accelerate launch` with two processes on CPU (gloo): DDP and FSDP."""
+"""`accelerate launch -m rskip.commands.train_translation` (and the clone's scripts/train_translation.py) with two
+processes on CPU (gloo): DDP and FSDP."""
 
 import json
 import os
@@ -9,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-import train_translation
+from rskip.commands import train_translation
 from rskip.training import translation
 from rskip.training.cli import parse_translation_args
 from conftest import REPO
@@ -27,7 +28,7 @@ def test_two_processes_train_as_one_process_accumulating_two_micro_batches(tmp_p
     common = ["--config_overrides", "dropout=0.0", "--max_train_steps", "3", "--checkpointing_steps", "3"]
     # `--cpu` would make `accelerate launch` start a single process: torchrun's launcher, told to stay on the CPU.
     command = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "scripts" / "train_translation.py"),
+               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rskip.commands.train_translation",
                *tiny_args(data, tmp_path / "ddp", marian_tokenizer.name_or_path, *common)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300,
                                env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})

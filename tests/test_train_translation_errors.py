@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-import train_translation
+from rskip.commands import train_translation
 from rskip.training import translation
 from rskip.training.cli import parse_translation_args
 from conftest import REPO

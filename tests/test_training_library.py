@@ -10,7 +10,7 @@ import evaluate
 import pytest
 from sacrebleu.metrics import BLEU, CHRF
 
-import train_image_classification
+from rskip.commands import train_image_classification
 from conftest import REPO
 from image_helpers import cifar_parquet, tiny_args  # noqa: F401  (fixture)
 from rskip import ConfigFieldError, ResNetSkipOptions, RSkipMarianConfig, RSkipResNetConfig, SkipOptions
@@ -38,13 +38,19 @@ assert list(LengthBatchSampler([3, 3, 5, 5], max_tokens=10, seed=0)) and len(Epo
 """)
 
 
-def test_scripts_are_thin_command_lines():
-    for script in ("train_translation.py", "train_image_classification.py"):
-        module = ast.parse((REPO / "scripts" / script).read_text())
-        docstring, *imports, main, entry_point = module.body
+def test_training_commands_are_thin_and_scripts_are_shims():
+    for name in ("train_translation", "train_image_classification"):
+        module = ast.parse((REPO / "modeling" / "commands" / f"{name}.py").read_text())
+        docstring, *imports, main, run, entry_point = module.body
         assert all(isinstance(statement, ast.ImportFrom) for statement in imports) and len(imports) == 3
         assert isinstance(main, ast.FunctionDef) and main.name == "main" and len(main.body) == 2
+        assert isinstance(run, ast.FunctionDef) and run.name == "run"
         assert isinstance(entry_point, ast.If)
+    for script in (REPO / "scripts").glob("*.py"):
+        if script.stem in ("demo", "trainer_translation", "trainer_image_classification"):
+            continue  # the demo and the Trainer examples are programs of their own, not installed commands
+        docstring, import_run, entry_point = ast.parse(script.read_text()).body
+        assert import_run.module == f"rskip.commands.{script.stem}", script
 
 
 def test_the_resnet_config_imports_neither_timm_nor_the_model_code(tmp_path, run_python):

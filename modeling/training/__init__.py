@@ -15,8 +15,8 @@ One module per concern:
 - `checkpoints`: run state, atomic writes, finding and resuming checkpoints, the best model.
 - `reporting`: results.json, hardware, curves, the output folder; `model_card`: model cards.
 - `hub`: the Hub: start-up checks, uploads during training (`--hub_strategy`), resuming from `last-checkpoint/`,
-  pushing a finished run (`scripts/push_to_hub.py`), timm's format for image models.
-- `cli`: the scripts' command lines, checked at parsing; `data`: reading local data files.
+  pushing a finished run (`rskip-push-to-hub`), timm's format for image models.
+- `cli`: the training commands' command lines, checked at parsing; `data`: reading local data files.
 - `signals`: SIGTERM and SIGINT stop a run after the current update, with a checkpoint.
 - `errors`: `TrainingError`, and raising it on every process when one process fails.
 - `translation_scores`: BLEU and chrF as an `evaluate` metric module.

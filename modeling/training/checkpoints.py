@@ -178,23 +178,13 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: Run
     return path
 
 
-def find_checkpoint(output_dir: str | Path, resume_from: str | None, config: dict, report=print,
-                    hub_repo_id: str | None = None, hub_token: str | None = None) -> Path | None:
-    """Resolve `--resume_from_checkpoint`. `latest` is the newest intact checkpoint of `output_dir` written with
+def find_checkpoint(output_dir: str | Path, resume_from: str | None, config: dict, report=print) -> Path | None:
+    """Resolve `--resume_from_checkpoint` on this file system (`hub[@revision]` is resolved first by
+    `rskip.training.hub.resolve_hub_checkpoint`). `latest` is the newest intact checkpoint of `output_dir` written with
     `config` (None when there is none, so a preemptible job can always pass it); each one passed over is reported
-    with the reason. `hub` or `hub@<revision>` is `last-checkpoint/` of the Hub repository `hub_repo_id`, downloaded.
-    Anything else must be an intact checkpoint folder."""
+    with the reason. Anything else must be an intact checkpoint folder."""
     if not resume_from:
         return None
-    if resume_from == "hub" or resume_from.startswith("hub@"):
-        from .hub import download_last_checkpoint  # hub imports this module
-
-        path = download_last_checkpoint(hub_repo_id, resume_from.partition("@")[2] or None, hub_token)
-        problem = checkpoint_problem(path)
-        if problem is not None:
-            raise TrainingError(f"--resume_from_checkpoint {resume_from}: the Hub's last-checkpoint/ cannot be resumed "
-                                f"from: {problem}")
-        return path
     if resume_from == "latest":
         for checkpoint in reversed(list_checkpoints(output_dir)):
             try:

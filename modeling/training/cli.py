@@ -1,8 +1,8 @@
 """The command lines of the training scripts: their flags, grouped by concern as in timm's `train.py`, checked once
 after parsing, so that a bad value stops the run before any work with one message naming the flag.
 
-- `parse_translation_args`, `parse_image_classification_args`: `scripts/train_translation.py` and
-  `scripts/train_image_classification.py`.
+- `parse_translation_args`, `parse_image_classification_args`: `rskip-train-translation` and
+  `rskip-train-image-classification` (`rskip.commands`).
 - `add_skip_arguments`: the `--skip_*` flags, made from the declarations of `SkipOptions` (its fields, their
   documentation, types and choices); `check_skip_arguments` maps a `ConfigFieldError` to the flag by its `field`.
 - `parse_trainer_args`: a command line split between a transformers `TrainingArguments` class and a script's flags,
@@ -63,10 +63,11 @@ SECRET_FLAGS = ("--hub_token",)
 REDACTED = "<redacted>"
 
 
-def command_line(script: str, argv: list[str] | None) -> str:
-    """The command that ran `main(argv)`, for results.json and model cards, with secrets redacted: as typed
-    (`sys.argv`) when `argv` is None, else `script` followed by `argv` (a call from Python, as in the tests)."""
-    words = list(sys.argv if argv is None else [script, *argv])
+def command_line(command: str, argv: list[str] | None) -> str:
+    """The command that ran `main(argv)`, for results.json and model cards, with secrets redacted: the installed
+    command (`rskip-train-translation`, however it was started: console script, `python -m` or `accelerate launch
+    -m`) followed by its arguments (`sys.argv[1:]` when `argv` is None), so that anyone with the package can rerun it."""
+    words = [command, *(sys.argv[1:] if argv is None else argv)]
     for index, word in enumerate(words):
         for flag in SECRET_FLAGS:
             if word == flag and index + 1 < len(words):
@@ -203,7 +204,7 @@ def parse_trainer_args(arguments_class, parse_args: Callable, argv: list[str] | 
 
 
 def parse_translation_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line of `scripts/train_translation.py` (`sys.argv[1:]` when `argv` is None), checked."""
+    """The command line of `rskip-train-translation` (`sys.argv[1:]` when `argv` is None), checked."""
     parser = argparse.ArgumentParser(description=TRANSLATION_DESCRIPTION,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
@@ -298,7 +299,7 @@ def parse_translation_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def parse_image_classification_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line of `scripts/train_image_classification.py` (`sys.argv[1:]` when `argv` is None), checked."""
+    """The command line of `rskip-train-image-classification` (`sys.argv[1:]` when `argv` is None), checked."""
     parser = argparse.ArgumentParser(description=IMAGE_CLASSIFICATION_DESCRIPTION,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 

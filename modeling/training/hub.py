@@ -32,7 +32,7 @@ from huggingface_hub import HfApi, get_token, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
-from .checkpoints import BEST_MODEL, CHECKPOINTS, RUN_STATE
+from .checkpoints import BEST_MODEL, CHECKPOINTS, RUN_STATE, checkpoint_problem
 from .errors import TrainingError
 from .model_card import read_run, write_model_card
 
@@ -164,8 +164,9 @@ class HubUploads:
                                   f"Step {step}: checkpoint {CHECKPOINTS}/{checkpoint.name}, {scores}", []))
         self.submit(uploads)
 
-    def training_ended(self, output_dir: Path, step: int, scores: str) -> None:
-        """Upload the finished output folder, retry what failed, and wait for every upload (saying so)."""
+    def training_ended(self, output_dir: Path, step: int, scores: str) -> str | None:
+        """Upload the finished output folder, retry what failed, and wait for every upload (saying so). Returns what
+        failed, with the command that completes the upload, or None."""
         self.collect_failures()
         self.submit([Upload(stage(output_dir, self.ignore_patterns), ".",
                             f"End of training, step {step}: best model, {scores}", self.ignore_patterns)])
@@ -174,12 +175,13 @@ class HubUploads:
         for _, future in self.pending:
             future.exception()
         failed = self.collect_failures()
-        if failed:
-            self.log(f"{len(failed)} upload(s) to {self.repo_id} failed; the output folder is complete: push it "
-                     f"with `python scripts/push_to_hub.py {output_dir} {self.repo_id}`")
         for upload in self.failed.values():
             shutil.rmtree(upload.folder, ignore_errors=True)
         self.failed.clear()
+        if failed:
+            return (f"the run finished, but {len(failed)} upload(s) to {self.repo_id} failed; the output folder is "
+                    f"complete: push it with `rskip-push-to-hub {output_dir} {self.repo_id}`")
+        return None
 
     def submit(self, uploads: list[Upload]) -> None:
         for upload in uploads:
@@ -218,6 +220,19 @@ def start_hub_uploads(repo_id: str, token: str | None, strategy: str, ignore_pat
     token = hub_token(token)
     check_hub_access(repo_id, token)
     return HubUploads(repo_id, token, strategy, ignore_patterns, log)
+
+
+def resolve_hub_checkpoint(resume_from: str | None, repo_id: str, token: str | None) -> str | None:
+    """`--resume_from_checkpoint` with `hub` or `hub@<revision>` replaced by the downloaded `last-checkpoint/` of
+    `repo_id`, checked; any other value as it is (`rskip.training.checkpoints.find_checkpoint` resolves those)."""
+    if not resume_from or not (resume_from == "hub" or resume_from.startswith("hub@")):
+        return resume_from
+    path = download_last_checkpoint(repo_id, resume_from.partition("@")[2] or None, token)
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise TrainingError(f"--resume_from_checkpoint {resume_from}: the Hub's {LAST_CHECKPOINT}/ cannot be resumed "
+                            f"from: {problem}")
+    return str(path)
 
 
 def download_last_checkpoint(repo_id: str, revision: str | None, token: str | None) -> Path:
@@ -284,6 +299,7 @@ __all__ = [
     "HUB_STRATEGIES",
     "LAST_CHECKPOINT",
     "hub_token",
+    "resolve_hub_checkpoint",
     "describe_hub_error",
     "check_hub_access",
     "stage",

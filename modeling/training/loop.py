@@ -35,7 +35,7 @@ from .checkpoints import (
     settings_to_check,
 )
 from .errors import TrainingError, on_main_process
-from .hub import HUB_STRATEGIES, IGNORED_BY_HUB, start_hub_uploads
+from .hub import HUB_STRATEGIES, IGNORED_BY_HUB, resolve_hub_checkpoint, start_hub_uploads
 from .reporting import finish_output, init_tracking, run_results, write_model_folder
 from .signals import RunStopped, StopSignals
 
@@ -179,8 +179,8 @@ def train(task: TrainingTask, config: TrainingConfig, command: str) -> dict:
         settings = vars(task.args)
         run_config = settings_to_check(settings, MAY_CHANGE_ON_RESUME | task.may_change_on_resume,
                                        num_processes=accelerator.num_processes)
-        checkpoint = find_checkpoint(output_dir, config.resume_from_checkpoint, run_config, report=accelerator.print,
-                                     hub_repo_id=hub_repo_id, hub_token=config.hub_token)
+        resume_from = resolve_hub_checkpoint(config.resume_from_checkpoint, hub_repo_id, config.hub_token)
+        checkpoint = find_checkpoint(output_dir, resume_from, run_config, report=accelerator.print)
         on_main_process(accelerator, lambda: check_output_dir(output_dir, checkpoint, run_config,
                                                               config.overwrite_output_dir))
         state = RunState.from_checkpoint(checkpoint, run_config)
@@ -311,14 +311,18 @@ def train(task: TrainingTask, config: TrainingConfig, command: str) -> dict:
         # Results, the task's last evaluations with the best model, and the Hub-ready output folder
         results = {**task.run_description(), **run_results(accelerator, model, state, settings, runtime, command)}
         results.update(task.finish(accelerator, best_dir, eval_dataloaders, output_dir))
-        finish_output(accelerator, output_dir, best_dir, results, curves=list(task.history_metrics[:2]),
-                      label=task.skip_options.label())
+        # What fails from here on (the card, the upload) is reported after the rest is done, so nothing is lost
+        unfinished = [finish_output(accelerator, output_dir, best_dir, results, curves=list(task.history_metrics[:2]),
+                                    label=task.skip_options.label())]
         diagnostics.save(accelerator, output_dir, label=task.skip_options.label())
         if hub:
-            hub.training_ended(output_dir, state.step, describe_best())
+            unfinished.append(hub.training_ended(output_dir, state.step, describe_best()))
         accelerator.print(f"Saved the best model (step {results['best_step']}: {task.describe_scores(results['validation'])}"
                           f") and results.json to {output_dir}")
         accelerator.end_training()
+        unfinished = [problem for problem in unfinished if problem]
+        if unfinished:
+            raise TrainingError("; ".join(unfinished))
         return results
 
 

@@ -1,21 +1,22 @@
 """Model cards (README.md) of training runs, from their results.json and config.json.
 
-The card is filled from the template in `model_cards/` for the run's task (translation or image classification):
-Hub metadata (`model-index` with the scores), the residual connection's equation, a usage snippet, the exact
-command that produced the run, the scores with their sacreBLEU signatures, and, with a baseline, a table against
-another run. Every training run writes one at its end; `scripts/model_card.py` rewrites one.
+The card is filled from the template in `card_templates/` (package data) for the run's task (translation or image
+classification): Hub metadata (`model-index` with the scores), the residual connection's equation, a usage snippet,
+the exact command that produced the run, the scores with their sacreBLEU signatures, and, with a baseline, a table
+against another run. Every training run writes one at its end; `rskip-model-card` rewrites one.
 """
 
 import json
 import shlex
+from importlib.resources import files
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..skip_options import ResNetSkipOptions, SkipOptions
 
-# The templates live at the top of the source tree, beside this package.
-TEMPLATES = Path(__file__).resolve().parents[2] / "model_cards"
+# Package data, so that an installed wheel has them as well as a clone.
+TEMPLATES = files(__package__) / "card_templates"
 TASKS = {"rskip_marian": "translation", "rskip_resnet": "image_classification"}
 # Settings that say where a run writes, uploads and logs, or when it saves a checkpoint: not what it trains.
 BOOKKEEPING_SETTINGS = frozenset({
@@ -48,10 +49,18 @@ def task_of(folder: Path, config: dict) -> str:
     return task
 
 
+def program_of(command: str) -> str:
+    """The program a recorded command ran: `rskip-train-translation`, or the script or module Python ran."""
+    words = shlex.split(command)
+    if Path(words[0]).name.startswith("python") and len(words) > 1:
+        return words[2] if words[1] == "-m" and len(words) > 2 else Path(words[1]).name
+    return Path(words[0]).name
+
+
 def setting_differences(results: dict, base_results: dict) -> list[dict]:
     """What differs between two runs' commands besides the skip options: the script, and every recorded setting
     (results.json "args") but the bookkeeping ones. Each entry: the setting, this run's value, the baseline's."""
-    scripts = [Path(shlex.split(run["command"])[0]).name for run in (results, base_results)]
+    scripts = [program_of(run["command"]) for run in (results, base_results)]
     differences = [{"setting": "script", "run": scripts[0], "baseline": scripts[1]}] if scripts[0] != scripts[1] else []
     args, base_args = results["args"], base_results["args"]
     ignored = BOOKKEEPING_SETTINGS | set(ResNetSkipOptions.__dataclass_fields__)
@@ -168,11 +177,16 @@ def image_classification_card(results: dict, config: dict, repo_id: str, baselin
     )
 
 
-def write_model_card(output_dir: str | Path, repo_id: str | None = None, baseline: str | Path | None = None) -> Path:
+def write_model_card(output_dir: str | Path, repo_id: str | None = None, baseline: str | Path | None = None,
+                     results: dict | None = None) -> Path:
     """Fill the task's template with the run in `output_dir` and save it as `output_dir/README.md`; a `baseline` run
-    (of the same task) adds a comparison table and the settings in which its command differs."""
+    (of the same task) adds a comparison table and the settings in which its command differs. `results` are the
+    run's results.json, read from `output_dir` unless given (a finishing run writes its card before them)."""
     output_dir = Path(output_dir)
-    results, config = read_run(output_dir)
+    if results is None:
+        results, config = read_run(output_dir)
+    else:
+        config = json.loads((output_dir / "config.json").read_text())
     task = task_of(output_dir, config)
     if baseline is not None:
         baseline = Path(baseline)
@@ -185,8 +199,9 @@ def write_model_card(output_dir: str | Path, repo_id: str | None = None, baselin
     repo_id = repo_id or results["args"].get("hub_model_id") or output_dir.name
     make_card = translation_card if task == "translation" else image_classification_card
     card_data, fields = make_card(results, config, repo_id, baseline)
+    template = (TEMPLATES / f"{task}.md").read_text(encoding="utf-8")
     card = ModelCard.from_template(
-        card_data, template_path=str(TEMPLATES / f"{task}.md"), model_name=repo_id, repo_id=repo_id,
+        card_data, template_str=template, model_name=repo_id, repo_id=repo_id,
         parameters=f"{results['num_parameters'] / 1e6:.1f}M", command=results["command"],
         train_runtime=format_seconds(results["train_runtime_s"]), hardware=results["hardware"], **fields,
     )

@@ -17,6 +17,7 @@ import torch
 from accelerate import Accelerator
 
 from .checkpoints import BEST_SCORES, write_json
+from .errors import TrainingError
 from .model_card import write_model_card
 
 # Settings whose values are secrets: recorded as None.
@@ -89,25 +90,45 @@ def plot_curves(histories: dict[str, list[dict]], metrics: list[str], path: str 
     return Path(path)
 
 
+class ModelCardError(TrainingError):
+    """A finished run's model card could not be written; its model and results were."""
+
+
 def finish_output(accelerator: Accelerator, output_dir: str | Path, best_dir: Path, results: dict, curves: list[str],
-                  label: str) -> None:
-    """Make `output_dir` the Hub-ready model folder, on the main process (`write_model_folder`)."""
+                  label: str) -> str | None:
+    """Make `output_dir` the Hub-ready model folder, on the main process (`write_model_folder`). Returns what could
+    not be written (a `ModelCardError`'s message), for the run to report once everything else is done, or None."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_model_folder(output_dir, best_dir, results, curves, label)
+        try:
+            write_model_folder(output_dir, best_dir, results, curves, label)
+        except ModelCardError as error:
+            return str(error)
+    return None
 
 
 def write_model_folder(folder: str | Path, best_dir: Path, results: dict, curves: list[str], label: str,
                        repo_id: str | None = None) -> None:
-    """Write into `folder` the files of `best_dir` (not its scores), results.json, validation_curves.png (the `curves`
-    metrics of results' history, labelled `label`) and the model card (for `repo_id`)."""
+    """Write into `folder` the files of `best_dir` (not its scores), validation_curves.png (the `curves` metrics of
+    results' history, labelled `label`), the model card (for `repo_id`) and, last, results.json, which marks the run
+    finished. A card that cannot be written does not cost the run: results.json is still written, then a
+    `ModelCardError` names the command that writes the card."""
     folder = Path(folder)
     for path in best_dir.iterdir():
         if path.name != BEST_SCORES:
             (folder / path.name).write_bytes(path.read_bytes())
-    write_json(folder / "results.json", results)
     plot_curves({label: results["history"]}, curves, folder / "validation_curves.png")
-    write_model_card(folder, repo_id=repo_id)
+    card_error = None
+    try:
+        write_model_card(folder, repo_id=repo_id, results=results)
+    except Exception as error:  # noqa: BLE001  (whatever broke the card, the weights and results must be kept)
+        card_error = ModelCardError(
+            f"the run finished, but writing its model card {folder / 'README.md'} failed ({type(error).__name__}: "
+            f"{error}); the model, results.json and checkpoints are saved: write the card with "
+            f"`rskip-model-card {folder}`")
+    write_json(folder / "results.json", results)
+    if card_error is not None:
+        raise card_error
 
 
 __all__ = [
@@ -117,5 +138,6 @@ __all__ = [
     "run_results",
     "plot_curves",
     "finish_output",
+    "ModelCardError",
     "write_model_folder",
 ]

@@ -1,0 +1,301 @@
+"""Speed and memory of the residual variants, as ratios against the stock model measured in the same run.
+
+    rskip-benchmark --family marian --preset small --batch_size 32 --seq_len 24
+    rskip-benchmark --family marian --preset base --batch_size 16 --seq_len 24
+    rskip-benchmark --family resnet --image_model resnet50 --batch_size 8 --image_size 64
+    rskip-benchmark --family resnet --image_model preact_resnet110 --batch_size 32 --image_size 32
+
+Each LN variant runs twice: through the fused op (the default, "fused") and through the loop of norm modules
+("reference", `rskip.use_fused_skip(False)`). For each model: one training step (forward + backward) and one
+inference call (beam-4 `generate` of `--seq_len` new tokens for Marian, a forward pass for images), timed with
+`torch.utils.benchmark` (the median of several rounds that visit every model in turn); the activation memory kept for
+the backward pass (bytes of the tensors autograd saves, counted once per storage; device-independent), peak CUDA
+memory of a training step on a GPU, and the parameter count. `--compile` adds `torch.compile`d copies of the stock
+model and of the K = 2 rows. On CUDA the models run under bf16 autocast. Writes `benchmark.json`, `benchmark.csv` and
+`benchmark.png` to `--output_dir`.
+"""
+
+import argparse
+import contextlib
+import copy
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+import torch.utils.benchmark as torch_benchmark  # noqa: E402
+from transformers import MarianConfig, MarianMTModel  # noqa: E402
+
+import rskip  # noqa: E402
+from rskip.training.cli import run_main  # noqa: E402
+
+MARIAN_VARIANTS = [
+    dict(skip_variant="post_ln"),
+    dict(skip_variant="rskip_ln", skip_recursions=2),
+    dict(skip_variant="rskip_ln", skip_recursions=3),
+    dict(skip_variant="xskip_ln", skip_scale=2.0),
+    dict(skip_variant="pre_ln"),
+    dict(skip_variant="rskip_bn", skip_recursions=2),
+]
+RESNET_VARIANTS = [
+    dict(skip_variant="plain"),
+    dict(skip_variant="post_ln"),
+    dict(skip_variant="rskip_ln", skip_recursions=2),
+    dict(skip_variant="rskip_ln", skip_recursions=3),
+    dict(skip_variant="rskip_ln", skip_recursions=2, skip_norm_dims="c"),
+    dict(skip_variant="rskip_bn", skip_recursions=2),
+]
+MARIAN_PRESETS = {  # transformer-small (as in the paper's IWSLT runs, scaled to CPU) and transformer-base
+    "small": dict(d_model=256, layers=3, heads=4),
+    "base": dict(d_model=512, layers=6, heads=8),
+}
+FUSED_VARIANTS = ("post_ln", "xskip_ln", "rskip_ln")  # the variants whose LayerNorm forms run through the op
+
+
+def label(options: dict, fused: bool | None = None, compiled: bool = False) -> str:
+    """A row's name after its model: the skip options (`SkipOptions.label`), the path (fused op or reference loop),
+    compiled or not."""
+    name = rskip.ResNetSkipOptions(**options).label()
+    if fused is not None:
+        name += " fused" if fused else " reference"
+    return name + (" compiled" if compiled else "")
+
+
+def paths(options: dict) -> list[bool | None]:
+    return [True, False] if options["skip_variant"] in FUSED_VARIANTS else [None]
+
+
+def saved_activation_bytes(step) -> int:
+    """Bytes of the distinct storages autograd saves for the backward pass during one forward."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = step()
+    loss.backward()
+    return sum(storages.values())
+
+
+def autocast(args):
+    """bf16 autocast on CUDA (the GPU benchmark's precision); full precision on CPU."""
+    if args.device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def skip_path(fused: bool | None):
+    return contextlib.nullcontext() if fused is None else rskip.use_fused_skip(fused)
+
+
+def profile(name: str, model: torch.nn.Module, make_loss, infer, fused, compiled, args) -> tuple[dict, tuple]:
+    """The model's parameter count and memory, and its training step and inference call for timing."""
+    model.to(args.device).train()
+    runner = torch.compile(model) if compiled else model
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with skip_path(fused), autocast(args):
+            return make_loss(runner)
+
+    def train_step():
+        step().backward()
+
+    def infer_step():
+        model.eval()
+        with torch.no_grad(), skip_path(fused), autocast(args):
+            infer(runner)
+        model.train()
+
+    train_step()  # warm-up (and compilation)
+    result = {"model": name, "parameters": sum(p.numel() for p in model.parameters())}
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        train_step()
+        result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+    result["activation_bytes"] = saved_activation_bytes(step)
+    if infer is None:
+        return result, (train_step, None)
+    infer_step()
+    return result, (train_step, infer_step)
+
+
+def time_steps(results: list[dict], steps: list, args) -> None:
+    """Median time of each model's training step and inference call over `--rounds` rounds that visit every model in
+    turn, so that a machine slowing down or speeding up during the run affects all models alike."""
+    rounds = [([], []) for _ in results]
+    for round_index in range(args.rounds):
+        for times, model_steps in zip(rounds, steps):
+            for kind_times, fn in zip(times, model_steps):
+                if fn is not None:
+                    timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=args.threads)
+                    kind_times.append(timer.blocked_autorange(min_run_time=args.min_run_time).median)
+        print(f"  round {round_index + 1}/{args.rounds}", flush=True)
+    for result, (train_times, infer_times) in zip(results, rounds):
+        result["step_seconds"] = statistics.median(train_times)
+        result["infer_seconds"] = statistics.median(infer_times) if infer_times else None
+
+
+def variant_rows(stock_name, stock_model, prefix, build, variants, args):
+    """(name, model, fused, compiled): the stock model, then each variant on each of its paths; `--compile` adds
+    compiled copies of the stock model and of the K = 2 rows."""
+    yield stock_name, stock_model, None, False
+    if args.compile:
+        yield f"{stock_name} compiled", copy.deepcopy(stock_model), None, True
+    for options in variants:
+        for fused in paths(options):
+            yield f"{prefix} {label(options, fused)}", build(options), fused, False
+            if args.compile and options.get("skip_recursions") == 2 and "skip_norm_dims" not in options:
+                yield f"{prefix} {label(options, fused, compiled=True)}", build(options), fused, True
+
+
+def marian_models(args):
+    shape = dict(vocab_size=args.vocab_size, d_model=args.d_model, encoder_layers=args.layers,
+                 decoder_layers=args.layers, encoder_attention_heads=args.heads, decoder_attention_heads=args.heads,
+                 encoder_ffn_dim=4 * args.d_model, decoder_ffn_dim=4 * args.d_model,
+                 pad_token_id=args.vocab_size - 1, decoder_start_token_id=args.vocab_size - 1,
+                 eos_token_id=args.vocab_size - 2)
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, args.vocab_size - 2, (args.batch_size, args.seq_len), generator=generator)
+    labels = torch.randint(0, args.vocab_size - 2, (args.batch_size, args.seq_len), generator=generator)
+    batch = {"input_ids": input_ids.to(args.device), "labels": labels.to(args.device)}
+    sources = batch["input_ids"][:args.generate_batch_size]
+
+    def make_loss(model):
+        return model(**batch).loss
+
+    def translate(model):
+        # every model writes exactly --seq_len tokens per beam, so all do the same work
+        model.generate(sources, num_beams=4, max_new_tokens=args.seq_len, min_new_tokens=args.seq_len)
+
+    def build(options):
+        return rskip.RSkipMarianMTModel(rskip.RSkipMarianConfig(**shape, **options))
+
+    for name, model, fused, compiled in variant_rows(
+            "MarianMTModel (stock)", MarianMTModel(MarianConfig(**shape)), "RSkipMarian", build, MARIAN_VARIANTS, args):
+        # generate() goes around a compiled module's forward: compiled rows report training only
+        yield name, model, make_loss, None if compiled else (lambda runner, m=model: translate(m)), fused, compiled
+
+
+def resnet_models(args):
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size,
+                         generator=torch.Generator().manual_seed(0)).to(args.device)
+
+    def make_loss(model):
+        return model(images).logsumexp(-1).mean()
+
+    def forward(model):
+        model(images)
+
+    if args.image_model.startswith("preact_"):  # no stock timm model: rskip's `plain` is the He et al. network
+        stock_name, stock = f"{args.image_model} plain (stock)", timm.create_model(args.image_model, skip_variant="plain")
+        variants = [options for options in RESNET_VARIANTS if options["skip_variant"] != "plain"]
+    else:
+        stock_name, stock = f"timm {args.image_model} (stock)", timm.create_model(args.image_model)
+        variants = RESNET_VARIANTS
+    model_name = args.image_model if args.image_model.startswith("preact_") else f"rskip_{args.image_model}"
+    for name, model, fused, compiled in variant_rows(
+            stock_name, stock, model_name, lambda options: timm.create_model(model_name, **options), variants, args):
+        yield name, model, make_loss, forward, fused, compiled
+
+
+def plot(results, path: Path, title: str) -> None:
+    names = [r["model"] for r in results]
+    panels = [("time_ratio", "training step / stock"), ("infer_ratio", "inference / stock"),
+              ("activation_ratio", "activation memory / stock")]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 0.4 * len(names) + 1.5), sharey=True)
+    for ax, (key, xlabel) in zip(axes, panels):
+        colors = ["grey" if "stock" in n else "tab:orange" if "reference" in n else "tab:blue" for n in names]
+        ax.barh(names, [r.get(key) or 0.0 for r in results], color=colors)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xlabel(xlabel)
+    axes[0].invert_yaxis()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=("marian", "resnet"), default="marian")
+    parser.add_argument("--output_dir", default="runs/benchmark")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--min_run_time", type=float, default=1.0, help="seconds of timing per model and round")
+    parser.add_argument("--rounds", type=int, default=5, help="timing rounds; each model's median is reported")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--compile", action="store_true", help="add torch.compile'd stock and K = 2 rows")
+    group = parser.add_argument_group("marian")
+    group.add_argument("--preset", choices=tuple(MARIAN_PRESETS), help="transformer size; overrides the three below")
+    group.add_argument("--d_model", type=int, default=256)
+    group.add_argument("--heads", type=int, default=4)
+    group.add_argument("--layers", type=int, default=3, help="encoder and decoder layers each")
+    group.add_argument("--vocab_size", type=int, default=8000)
+    group.add_argument("--seq_len", type=int, default=32, help="source and target tokens; tokens generated")
+    group.add_argument("--generate_batch_size", type=int, default=8, help="sentences per beam-4 generate call")
+    group = parser.add_argument_group("resnet")
+    group.add_argument("--image_model", default="resnet50",
+                       choices=("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "preact_resnet20",
+                                "preact_resnet56", "preact_resnet110"))
+    group.add_argument("--image_size", type=int, default=64)
+    args = parser.parse_args(argv)
+    if args.preset:
+        vars(args).update(MARIAN_PRESETS[args.preset])
+    if args.d_model % args.heads:
+        parser.error(f"--d_model {args.d_model} must be divisible by --heads {args.heads}")
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    print(f"benchmark: {args.family} on {args.device}, {args.threads} threads", flush=True)
+    models = marian_models(args) if args.family == "marian" else resnet_models(args)
+    results, steps = zip(*(profile(*row, args) for row in models))
+    time_steps(results, steps, args)
+    stock = results[0]
+    for result in results:
+        result["time_ratio"] = result["step_seconds"] / stock["step_seconds"]
+        result["infer_ratio"] = result["infer_seconds"] / stock["infer_seconds"] if result["infer_seconds"] else None
+        result["activation_ratio"] = result["activation_bytes"] / stock["activation_bytes"]
+        if "peak_cuda_bytes" in result:
+            result["peak_cuda_ratio"] = result["peak_cuda_bytes"] / stock["peak_cuda_bytes"]
+
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    print(f"\n{'model':<62} {'params':>10} {'ms/step':>8} {'step×':>6} {'ms/inf':>8} {'inf×':>6} "
+          f"{'act. MiB':>8} {'act.×':>6}" + (f" {'peak×':>6}" if "peak_cuda_ratio" in stock else ""))
+    for r in results:
+        print(f"{r['model']:<62} {r['parameters']:>10,} {r['step_seconds'] * 1e3:>8.1f} {r['time_ratio']:>6.3f} "
+              f"{fmt(r['infer_seconds'] and r['infer_seconds'] * 1e3, '8.1f'):>8} {fmt(r['infer_ratio'], '6.3f'):>6} "
+              f"{r['activation_bytes'] / 2**20:>8.1f} {r['activation_ratio']:>6.3f}"
+              + (f" {r['peak_cuda_ratio']:>6.3f}" if "peak_cuda_ratio" in r else ""))
+
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "benchmark.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    with open(output_dir / "benchmark.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(results[0]))
+        writer.writeheader()
+        writer.writerows(results)
+    precision = "bf16 autocast" if args.device.startswith("cuda") else "fp32"
+    plot(results, output_dir / "benchmark.png", f"{args.family} on {args.device} ({precision}), batch {args.batch_size}")
+    print(f"\nwrote {output_dir}/benchmark.{{json,csv,png}}")
+    return list(results)
+
+
+def run() -> None:
+    """The console script: `main` with errors as one line and an exit status."""
+    run_main(main)
+
+
+if __name__ == "__main__":
+    run()
