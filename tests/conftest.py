@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-# The scripts are not a package: their tests import them from scripts/.
+# The demo and the Trainer examples are scripts, not package modules: their tests import them from scripts/.
 sys.path.insert(0, str(REPO / "scripts"))
 
 

@@ -25,6 +25,7 @@ from rskip.commands import push_to_hub
 from rskip.commands import train_image_classification
 from rskip.commands import train_translation
 from rskip.training import TrainingError
+from rskip.training.cli import run_main
 from rskip.training.hub import check_hub_access, download_last_checkpoint
 from rskip.training.translation import TranslationTask
 from image_helpers import cifar_parquet, one_torch_thread  # noqa: F401  (fixtures)
@@ -224,6 +225,20 @@ def test_a_failed_upload_is_logged_and_training_goes_on(pushed_run):
     assert not list(output_dir.glob("rskip-hub-*")) and (output_dir / "README.md").is_file()
 
 
+def test_a_failed_final_upload_is_one_error_naming_the_command_that_completes_it(tmp_path, pairs, tokenizer_dir,
+                                                                                capsys):
+    output_dir = tmp_path / "run"
+    with FakeHub(tmp_path / "remote", [http_error(503)]), pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: train_translation.main(translation_args(pairs, output_dir, tokenizer_dir, "--push_to_hub",
+                                                                 "--hub_model_id", "someone/m30k")))
+    assert exit_info.value.code == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: the run finished, but 1 upload(s) to someone/m30k failed; the output folder is "
+                      f"complete: push it with `rskip-push-to-hub {output_dir} someone/m30k`"]
+    for name in ("results.json", "README.md", "model.safetensors"):
+        assert (output_dir / name).is_file(), name
+
+
 def test_the_token_is_written_nowhere(pushed_run):
     output_dir, _, hub, _ = pushed_run
     for folder in (output_dir, hub.remote):
@@ -338,3 +353,17 @@ def test_push_script_reports_an_http_error_in_one_line(image_run, tmp_path, caps
     assert exit_info.value.code == 1
     assert capsys.readouterr().err.splitlines()[-1] == f"error: cannot upload {run} to someone/pushed: HTTP 500: " \
                                                        "500 Client Error"
+
+
+def test_push_script_offline_is_one_error_and_rewrites_nothing(image_run, tmp_path, capsys, monkeypatch):
+    output_dir, _ = image_run
+    run = shutil.copytree(output_dir, tmp_path / "run")
+    before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit) as exit_info:
+        push_to_hub.run_main(lambda: push_to_hub.main([str(run), "someone/pushed"]))
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == "error: cannot create or write the Hub repository someone/pushed: HF_HUB_OFFLINE " \
+                                      "is set, so the Hub cannot be reached\n"
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before

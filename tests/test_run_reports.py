@@ -4,12 +4,11 @@ command, and the comparison of several runs (table and curves)."""
 import json
 
 import pytest
-from rskip.commands import train_image_classification
-from rskip.commands import train_translation
 from huggingface_hub import ModelCard
 
-from rskip.commands import compare_runs
-from rskip.commands import model_card
+from rskip.commands import compare_runs, model_card, train_image_classification, train_translation
+from rskip.training import reporting
+from rskip.training.cli import run_main
 from rskip.training.model_card import write_model_card
 from image_helpers import cifar_parquet, one_torch_thread, tiny_args as image_args  # noqa: F401
 from translation_helpers import tiny_args as translation_args
@@ -108,3 +107,29 @@ def test_compare_runs_refuses_a_folder_without_results(tmp_path, capsys):
     with pytest.raises(SystemExit):
         compare_runs.main([str(tmp_path)])
     assert "has no results.json" in capsys.readouterr().err
+
+
+def test_a_card_that_fails_costs_nothing_and_names_the_command_that_writes_it(tmp_path, multi30k_dir,
+                                                                              marian_tokenizer, monkeypatch, capsys):
+    data = write_pairs(tmp_path / "pairs", multi30k_dir)
+    output_dir = tmp_path / "run"
+
+    def broken_card(*args, **kwargs):
+        raise OSError("disk quota exceeded")
+
+    monkeypatch.setattr(reporting, "write_model_card", broken_card)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: train_translation.main(translation_args(data, output_dir, marian_tokenizer.name_or_path,
+                                                                 "--diagnostics_steps", "0", "--checkpointing_steps", "2")))
+    assert exit_info.value.code == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: the run finished, but writing its model card {output_dir / 'README.md'} failed "
+                      f"(OSError: disk quota exceeded); the model, results.json and checkpoints are saved: write the "
+                      f"card with `rskip-model-card {output_dir}`"]
+    for name in ("results.json", "model.safetensors", "config.json", "diagnostics.json", "validation_curves.png"):
+        assert (output_dir / name).is_file(), name
+    assert list((output_dir / "checkpoints").iterdir()) and not (output_dir / "README.md").exists()
+
+    monkeypatch.undo()
+    model_card.main([str(output_dir)])
+    assert ModelCard.load(output_dir / "README.md").data.model_name == "run"

@@ -163,3 +163,10 @@ def test_a_warmup_within_the_run_does_not_warn(cifar_parquet, tmp_path):  # noqa
         warnings.filterwarnings("error", message="num_warmup_steps")
         train_image_classification.main(tiny_args(cifar_parquet, tmp_path / "run", "--max_train_steps", "2",
                                                   "--num_warmup_steps", "1"))
+
+
+def test_checkpoints_do_not_depend_on_the_hub():
+    """The Hub code uploads and downloads checkpoints; the checkpoint code knows nothing of the Hub."""
+    tree = ast.parse((REPO / "modeling" / "training" / "checkpoints.py").read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "hub" not in imported and "rskip.training.hub" not in imported

@@ -267,16 +267,17 @@ def missing_from_run(run_dir: Path) -> list[str]:
 def push_finished_run(run_dir: str | Path, repo_id: str, token: str | None = None, private: bool | None = None,
                       revision: str | None = None, create_pr: bool = False,
                       commit_message: str | None = None) -> str:
-    """Push a finished run's output folder to `repo_id`: check it is complete, regenerate its model card from its
-    results (named after `repo_id`), check access, upload. Returns the commit's URL (or the PR's)."""
+    """Push a finished run's output folder to `repo_id`: check it is complete and that the Hub can take it (the repo
+    id, a token, not offline, write access), only then regenerate its model card from its results (named after
+    `repo_id`), and upload. Returns the commit's URL (or the PR's)."""
     run_dir = Path(run_dir)
     missing = missing_from_run(run_dir)
     if missing:
         raise TrainingError(f"{run_dir} is not a complete training run's output folder; it lacks: {', '.join(missing)}")
     results, _ = read_run(run_dir)
-    write_model_card(run_dir, repo_id=repo_id)
     token = hub_token(token)
     check_hub_access(repo_id, token, private=private)
+    write_model_card(run_dir, repo_id=repo_id)
     api = HfApi(token=token)
     ignore_patterns = [*IGNORED_BY_HUB, *(["tokenizer/*"] if (run_dir / "tokenizer").is_dir() else [])]
     staged = stage(run_dir, ignore_patterns)
