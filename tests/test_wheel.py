@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from rskip.commands import COMMANDS
 from conftest import REPO
 from image_helpers import cifar_parquet, tiny_args as image_args  # noqa: F401  (fixture)
 from translation_helpers import tiny_args as translation_args
 from translation_helpers import write_pairs
 
-COMMANDS = ("rskip-train-translation", "rskip-train-image-classification", "rskip-model-card", "rskip-push-to-hub",
-            "rskip-compare-runs", "rskip-benchmark", "rskip-reproduce")
 # The Python versions the test suite runs on; the wheel's Requires-Python and classifiers must say no more.
 TESTED_PYTHONS = ("3.11",)
 
@@ -84,9 +83,8 @@ def test_the_wheel_holds_the_package_its_data_license_and_commands(wheel):
     pythons = {value.rsplit(" :: ", 1)[1] for value in metadata.get_all("Classifier")
                if value.startswith("Programming Language :: Python :: 3.")}
     assert pythons == set(TESTED_PYTHONS) and f"{sys.version_info.major}.{sys.version_info.minor}" in pythons
-    for command in COMMANDS:
-        module = command.removeprefix("rskip-").replace("-", "_")
-        assert f"{command} = rskip.commands.{module}:run" in entry_points
+    assert sorted(line for line in entry_points.splitlines() if line.startswith("rskip-")) == sorted(
+        f"{command} = {module}:run" for command, module in COMMANDS.items())
 
 
 def test_the_sdist_carries_no_tests_without_their_helpers_and_data(tmp_path):

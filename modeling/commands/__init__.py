@@ -1,15 +1,14 @@
-"""rskip's commands. Each module has `main(argv=None)` and `run()`, the console script installed with the package:
+"""rskip's commands: each module has `main(argv=None)` and `run()`, the console script that pip installs
+(`COMMANDS`). Every module runs as `python -m rskip.commands.<module>`, and the training ones under Accelerate's
+launcher as `accelerate launch -m rskip.commands.train_translation ...`."""
 
-| console script                      | module                                      |
-|-------------------------------------|---------------------------------------------|
-| `rskip-train-translation`           | `rskip.commands.train_translation`          |
-| `rskip-train-image-classification`  | `rskip.commands.train_image_classification` |
-| `rskip-model-card`                  | `rskip.commands.model_card`                 |
-| `rskip-push-to-hub`                 | `rskip.commands.push_to_hub`                |
-| `rskip-compare-runs`                | `rskip.commands.compare_runs`               |
-| `rskip-benchmark`                   | `rskip.commands.benchmark`                  |
-| `rskip-reproduce`                   | `rskip.commands.reproduce`                  |
-
-The training commands also run under Accelerate's launcher as modules:
-`accelerate launch -m rskip.commands.train_translation ...`. `python -m rskip.commands.<module>` works for every one.
-"""
+# The console scripts and their modules, as pyproject.toml's [project.scripts] declares them.
+COMMANDS = {
+    "rskip-train-translation": "rskip.commands.train_translation",
+    "rskip-train-image-classification": "rskip.commands.train_image_classification",
+    "rskip-model-card": "rskip.commands.model_card",
+    "rskip-push-to-hub": "rskip.commands.push_to_hub",
+    "rskip-compare-runs": "rskip.commands.compare_runs",
+    "rskip-benchmark": "rskip.commands.benchmark",
+    "rskip-reproduce": "rskip.commands.reproduce",
+}

@@ -2,7 +2,8 @@
 
 import sys
 
-from ..commands import __doc__ as COMMANDS
+from ..commands import COMMANDS
 
-print(f"rskip.training is a library. {COMMANDS}", file=sys.stderr)
+lines = [f"  {command:<34} python -m {module}" for command, module in COMMANDS.items()]
+print("rskip.training is a library, not a command. Its commands:", *lines, sep="\n", file=sys.stderr)
 sys.exit(2)
