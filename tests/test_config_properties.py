@@ -32,6 +32,7 @@ def property_settings(max_examples: int) -> settings:
     return settings(max_examples=max_examples, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
 
+# What a grid built with numpy holds: integers, and no bool, wherever an int goes.
 NUMPY_INTEGERS = (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint64)
 # Any value: of the right type or not, in range or not.
 ANY = st.one_of(st.integers(-2, 4), st.floats(allow_nan=True, allow_infinity=True, width=32), st.booleans(),
@@ -65,8 +66,8 @@ def misspelt(name: str) -> st.SearchStrategy[str]:
 
 
 def configs(fields: dict) -> st.SearchStrategy[dict]:
-    """Some of `fields` with values from their strategies, their integers sometimes numpy integers, and, two times in
-    three, one of them with any value or one skip option under a misspelt name."""
+    """Some of `fields` with values from their strategies, their integers half the time numpy integers, and, three
+    times in four, one of them with any value (two of those three) or one skip option under a misspelt name."""
     one_wild = st.sampled_from(sorted(fields)).flatmap(lambda name: ANY.map(lambda value: {name: value}))
     one_misspelt = st.sampled_from(sorted(name for name in fields if name.startswith("skip_"))).flatmap(
         lambda name: st.tuples(misspelt(name), fields[name]).map(lambda pair: {pair[0]: pair[1]}))
