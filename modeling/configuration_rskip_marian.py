@@ -96,6 +96,12 @@ class RSkipMarianConfig(MarianConfig, SkipOptions.config_fields()):
         for name in ("dropout", "attention_dropout", "activation_dropout"):
             check_number(name, getattr(self, name), 0, 1)
 
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        # `from_pretrained(folder, skip_recursion=3)` would drop a keyword that is no attribute without a word.
+        SkipOptions.refuse_unknown(kwargs, cls.__name__)
+        return super().from_dict(config_dict, **kwargs)
+
     def skip_options(self) -> SkipOptions:
         """The validated `skip_*` fields."""
         return SkipOptions.from_object(self)

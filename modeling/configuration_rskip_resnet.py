@@ -76,6 +76,12 @@ class RSkipResNetConfig(PreTrainedConfig, ResNetSkipOptions.config_fields()):
             value = plain_int(value)
         super().__setattr__(name, value)
 
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        # `from_pretrained(folder, skip_recursion=3)` would drop a keyword that is no attribute without a word.
+        ResNetSkipOptions.refuse_unknown(kwargs, cls.__name__)
+        return super().from_dict(config_dict, **kwargs)
+
     def skip_options(self) -> ResNetSkipOptions:
         """The validated `skip_*` fields."""
         return ResNetSkipOptions.from_object(self)

@@ -246,6 +246,21 @@ def test_the_misspelt_recursion_depth_names_skip_recursions(config_class, kwargs
         config_class(**kwargs)
 
 
+@pytest.mark.parametrize("model_class, config", [
+    (RSkipMarianMTModel, RSkipMarianConfig(**TINY_MARIAN, d_model=8, encoder_attention_heads=2, decoder_attention_heads=2,
+                                           encoder_layers=1, decoder_layers=1, encoder_ffn_dim=8, decoder_ffn_dim=8)),
+    (RSkipResNetForImageClassification, RSkipResNetConfig(backbone="preact_resnet20")),
+])
+def test_a_misspelt_skip_option_given_to_from_pretrained_is_refused(model_class, config, tmp_path):
+    # transformers' from_pretrained would drop a keyword that is no config attribute.
+    model_class(config).save_pretrained(tmp_path)
+    for load in (model_class.from_pretrained, type(config).from_pretrained):
+        with pytest.raises(ConfigFieldError, match=r"^skip_recursion=3 is not an option of \w+ \(did you mean "
+                                                   r"skip_recursions\?\)"):
+            load(tmp_path, skip_recursion=3)
+    assert model_class.from_pretrained(tmp_path, skip_variant="rskip_ln", skip_recursions=np.int64(3)).config.to_dict(
+        )["skip_recursions"] == 3
+
 @pytest.mark.parametrize("config_class, kwargs", [
     # Stock keywords, and others that only start like a skip option, are stored as before.
     (RSkipMarianConfig, dict(scale_embedding=True, activation_function="relu", skip=1, skipping="yes")),
