@@ -6,7 +6,7 @@ from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import MarianConfig
 
 from .pipeline_translation import TranslationPipeline
-from .skip_options import ConfigFieldError, SkipOptions, check_number, with_skip_docs
+from .skip_options import ConfigFieldError, SkipOptions, check_number, holds_numbers, plain_int, with_skip_docs
 
 # Saved with every config so that `pipeline("translation", model=folder, trust_remote_code=True)` works:
 # transformers 5 has no translation pipeline of its own.
@@ -31,10 +31,12 @@ class RSkipMarianConfig(MarianConfig, SkipOptions.config_fields()):
     decoder_start_token_id (`int`, *optional*, defaults to `pad_token_id`):
         Marian starts decoding with the pad token.
 
-    An option the chosen variant does not use must keep its default. A bad value raises
-    `ConfigFieldError` (a `ValueError` whose `field`, `value` and `allowed` say what is wrong): a
-    skip option, a Marian field of the wrong type, a width, head count or layer count out of range,
-    a `d_model` that the attention heads do not divide, or a dropout rate outside [0, 1].
+    An option the chosen variant does not use must keep its default. Integral numbers (numpy integers,
+    say) are taken where an `int` is, and stored as plain `int`s. A bad value raises `ConfigFieldError`
+    (a `ValueError` whose `field`, `value` and `allowed` say what is wrong): a skip option, a keyword
+    that starts with `skip_` but is no skip option, a Marian field of the wrong type, a width, head
+    count or layer count out of range, a `d_model` that the attention heads do not divide, or a
+    dropout rate outside [0, 1]. Other keywords pass to [`MarianConfig`] unchanged.
 
     Example:
 
@@ -48,6 +50,7 @@ class RSkipMarianConfig(MarianConfig, SkipOptions.config_fields()):
     model_type = "rskip_marian"
 
     def __post_init__(self, **kwargs):
+        SkipOptions.refuse_unknown(kwargs, type(self).__name__)
         self.skip_options()
         self.check_shapes()
         # Marian's convention, pad = decoder start = the last id, also when only `vocab_size` is given.
@@ -67,14 +70,17 @@ class RSkipMarianConfig(MarianConfig, SkipOptions.config_fields()):
             config_dict["model_type"] = cls.model_type
         return config_dict, kwargs
 
-    def __setattr__(self, name, value):
+    def __setattr__(self, name, given):
+        field = self.__dataclass_fields__.get(name)
+        # A numpy integer from a grid is an int.
+        value = plain_int(given) if field is not None and holds_numbers(field.type) else given
         # MarianConfig is a strict dataclass whose type errors are no ValueError and name no allowed type.
         try:
             super().__setattr__(name, value)
         except StrictDataclassFieldValidationError as error:
-            allowed = self.__dataclass_fields__[name].type
-            raise ConfigFieldError(name, value, getattr(allowed, "__name__", str(allowed)),
-                                   f"has the wrong type ({type(value).__name__})") from error
+            allowed = field.type
+            raise ConfigFieldError(name, given, getattr(allowed, "__name__", str(allowed)),
+                                   f"has the wrong type ({type(given).__name__})") from error
 
     def check_shapes(self) -> None:
         """The sizes and rates that the layers would reject, or crash on, only when built or run."""
@@ -89,6 +95,12 @@ class RSkipMarianConfig(MarianConfig, SkipOptions.config_fields()):
                                        "is not divisible by the number of attention heads")
         for name in ("dropout", "attention_dropout", "activation_dropout"):
             check_number(name, getattr(self, name), 0, 1)
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        # `from_pretrained(folder, skip_recursion=3)` would drop a keyword that is no attribute without a word.
+        SkipOptions.refuse_unknown(kwargs, cls.__name__)
+        return super().from_dict(config_dict, **kwargs)
 
     def skip_options(self) -> SkipOptions:
         """The validated `skip_*` fields."""

@@ -2,7 +2,14 @@
 
 from transformers import PreTrainedConfig
 
-from .skip_options import ConfigFieldError, ResNetSkipOptions, check_number, with_skip_docs
+from .skip_options import (
+    ConfigFieldError,
+    ResNetSkipOptions,
+    check_number,
+    holds_numbers,
+    plain_int,
+    with_skip_docs,
+)
 
 # The timm models of `timm_resnets`: CIFAR pre-activation ResNets, and timm's ImageNet ResNets with the skip options.
 CIFAR_BACKBONES = ("preact_resnet20", "preact_resnet56", "preact_resnet110", "preact_resnet164")
@@ -28,8 +35,9 @@ class RSkipResNetConfig(PreTrainedConfig, ResNetSkipOptions.config_fields()):
     drop_path_rate (`float`, *optional*, defaults to 0.0):
         Stochastic depth rate, rising linearly over the blocks, in [0, 1].
 
-    An option the chosen variant does not use must keep its default. A bad value raises `ConfigFieldError` (a
-    `ValueError` whose `field`, `value` and `allowed` say what is wrong).
+    An option the chosen variant does not use must keep its default. Integral numbers (numpy integers, say) are taken
+    where an `int` is, and stored as plain `int`s. A bad value, or a keyword that starts with `skip_` but is no skip
+    option, raises `ConfigFieldError` (a `ValueError` whose `field`, `value` and `allowed` say what is wrong).
 
     Example:
 
@@ -48,6 +56,7 @@ class RSkipResNetConfig(PreTrainedConfig, ResNetSkipOptions.config_fields()):
     drop_path_rate: float | int = 0.0
 
     def __post_init__(self, **kwargs):
+        ResNetSkipOptions.refuse_unknown(kwargs, type(self).__name__)
         if self.backbone not in BACKBONES:
             raise ConfigFieldError("backbone", self.backbone, ", ".join(BACKBONES), "is not an rskip timm model")
         if isinstance(self.in_chans, bool) or not isinstance(self.in_chans, int) or self.in_chans < 1:
@@ -56,9 +65,22 @@ class RSkipResNetConfig(PreTrainedConfig, ResNetSkipOptions.config_fields()):
         check_number("drop_rate", self.drop_rate, 0, 1)
         check_number("drop_path_rate", self.drop_path_rate, 0, 1)
         if "num_labels" in kwargs:  # PreTrainedConfig's, not a field: it builds id2label from range(num_labels)
+            kwargs["num_labels"] = plain_int(kwargs["num_labels"])
             check_number("num_labels", kwargs["num_labels"], 0, integer=True)
         self.skip_options()
         super().__post_init__(**kwargs)
+
+    def __setattr__(self, name, value):
+        field = self.__dataclass_fields__.get(name)
+        if field is not None and holds_numbers(field.type):  # a numpy integer from a grid is an int
+            value = plain_int(value)
+        super().__setattr__(name, value)
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        # `from_pretrained(folder, skip_recursion=3)` would drop a keyword that is no attribute without a word.
+        ResNetSkipOptions.refuse_unknown(kwargs, cls.__name__)
+        return super().from_dict(config_dict, **kwargs)
 
     def skip_options(self) -> ResNetSkipOptions:
         """The validated `skip_*` fields."""

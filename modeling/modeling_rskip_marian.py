@@ -8,6 +8,8 @@ LayerNorm was, under the same name, and is itself LN_1, so Marian checkpoints lo
 `post_ln` is Marian.
 """
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from transformers import initialization as init
@@ -131,6 +133,22 @@ class RSkipMarianDecoderLayer(MarianDecoderLayer):
         return hidden_states
 
 
+@contextmanager
+def legacy_checkpointing_deferred(config: RSkipMarianConfig):
+    """Hold back the legacy `config.gradient_checkpointing` switch while the stock constructors run.
+
+    `post_init` of the first (stock Marian) module built would enable checkpointing on itself and delete the switch,
+    and that module is then replaced by ours: the model would train without checkpointing. The switch is put back on
+    leaving, for the caller's own `post_init`, which enables checkpointing on the whole finished model.
+    """
+    legacy_switch = config.__dict__.pop("gradient_checkpointing", None)
+    try:
+        yield
+    finally:
+        if legacy_switch is not None:
+            config.gradient_checkpointing = legacy_switch
+
+
 class RSkipMarianPreTrainedModel(WeightsFileCheckMixin, MarianPreTrainedModel):
     config: RSkipMarianConfig
     config_class = RSkipMarianConfig
@@ -146,8 +164,9 @@ class RSkipMarianEncoder(RSkipMarianPreTrainedModel, MarianEncoder):
     """[`MarianEncoder`] made of [`RSkipMarianEncoderLayer`]s."""
 
     def __init__(self, config: RSkipMarianConfig):
-        super().__init__(config)
-        self.layers = nn.ModuleList([RSkipMarianEncoderLayer(config) for _ in range(config.encoder_layers)])
+        with legacy_checkpointing_deferred(config):
+            super().__init__(config)
+            self.layers = nn.ModuleList([RSkipMarianEncoderLayer(config) for _ in range(config.encoder_layers)])
         self.post_init()
 
 
@@ -155,10 +174,11 @@ class RSkipMarianDecoder(RSkipMarianPreTrainedModel, MarianDecoder):
     """[`MarianDecoder`] made of [`RSkipMarianDecoderLayer`]s."""
 
     def __init__(self, config: RSkipMarianConfig):
-        super().__init__(config)
-        self.layers = nn.ModuleList(
-            [RSkipMarianDecoderLayer(config, layer_idx=i) for i in range(config.decoder_layers)]
-        )
+        with legacy_checkpointing_deferred(config):
+            super().__init__(config)
+            self.layers = nn.ModuleList(
+                [RSkipMarianDecoderLayer(config, layer_idx=i) for i in range(config.decoder_layers)]
+            )
         self.post_init()
 
 
@@ -166,8 +186,9 @@ class _FinalLayerNorm:
     """`pre_ln` stacks end with a LayerNorm (`layer_norm`, as in mBART), applied to the last hidden state."""
 
     def __init__(self, config: RSkipMarianConfig):
-        super().__init__(config)
-        self.layer_norm = nn.LayerNorm(config.d_model)
+        with legacy_checkpointing_deferred(config):
+            super().__init__(config)
+            self.layer_norm = nn.LayerNorm(config.d_model)
         self.post_init()
 
     def forward(self, *args, **kwargs):
@@ -193,10 +214,11 @@ class RSkipMarianModel(RSkipMarianPreTrainedModel, MarianModel):
     """[`MarianModel`] whose encoder and decoder use the configured skip connection."""
 
     def __init__(self, config: RSkipMarianConfig):
-        super().__init__(config)
-        pre_ln = config.skip_options().skip_variant == "pre_ln"
-        self.encoder = (RSkipMarianPreLNEncoder if pre_ln else RSkipMarianEncoder)(config)
-        self.decoder = (RSkipMarianPreLNDecoder if pre_ln else RSkipMarianDecoder)(config)
+        with legacy_checkpointing_deferred(config):
+            super().__init__(config)
+            pre_ln = config.skip_options().skip_variant == "pre_ln"
+            self.encoder = (RSkipMarianPreLNEncoder if pre_ln else RSkipMarianEncoder)(config)
+            self.decoder = (RSkipMarianPreLNDecoder if pre_ln else RSkipMarianDecoder)(config)
         self.post_init()
 
 
@@ -214,8 +236,9 @@ class RSkipMarianMTModel(RSkipMarianPreTrainedModel, MarianMTModel):
     accepts_loss_kwargs = False
 
     def __init__(self, config: RSkipMarianConfig):
-        super().__init__(config)
-        self.model = RSkipMarianModel(config)
+        with legacy_checkpointing_deferred(config):
+            super().__init__(config)
+            self.model = RSkipMarianModel(config)
         self.post_init()
 
 

@@ -11,7 +11,10 @@ This module is plain data: it imports neither torch nor timm.
 """
 
 import dataclasses
+import difflib
 import math
+import numbers
+import typing
 from dataclasses import dataclass, field, fields
 
 SKIP_VARIANTS = ("plain", "post_ln", "pre_ln", "xskip", "xskip_ln", "rskip_ln", "xskip_bn", "rskip_bn")
@@ -43,6 +46,22 @@ class ConfigFieldError(ValueError):
     def __init__(self, field_name: str, value, allowed: str, problem: str = "is not allowed"):
         self.field, self.value, self.allowed = field_name, value, allowed
         super().__init__(f"{field_name}={value!r} {problem}; allowed: {allowed}")
+
+
+def holds_numbers(annotation) -> bool:
+    """Whether a dataclass field annotated `annotation` (a type, a union, or their string form) holds an `int` or a
+    `float`: where an integral number is given as a plain `int` (which a float-only field may still refuse)."""
+    if isinstance(annotation, str):
+        return not {"int", "float"}.isdisjoint(part.strip() for part in annotation.split("|"))
+    return annotation in (int, float) or not {int, float}.isdisjoint(typing.get_args(annotation))
+
+
+def plain_int(value):
+    """`value` as a plain `int` if it is an integral number other than a bool (a numpy integer, say), else `value`
+    unchanged: a config keeps plain ints, so that its config.json stays JSON."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and type(value) is not int:
+        return int(value)
+    return value
 
 
 def check_number(name: str, value, minimum, maximum=None, integer: bool = False) -> None:
@@ -90,6 +109,8 @@ class SkipOptions:
 
     def __post_init__(self):
         for spec in fields(self):
+            if holds_numbers(spec.type):  # a numpy integer from a grid is an int
+                object.__setattr__(self, spec.name, plain_int(getattr(self, spec.name)))
             self._check_type(spec, getattr(self, spec.name))
         if self.skip_variant in SCALED_VARIANTS and self.skip_scale <= 0:
             raise ConfigFieldError("skip_scale", self.skip_scale, "a number > 0",
@@ -117,6 +138,17 @@ class SkipOptions:
         elif kind in (float, "float"):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigFieldError(name, value, "a finite number (λ > 0)", "is not a finite number")
+
+    @classmethod
+    def refuse_unknown(cls, kwargs: dict, owner: str) -> None:
+        """Raise `ConfigFieldError`, naming the closest option, for a keyword of `kwargs` that starts with ``skip_``
+        but is none of these options (a misspelling would otherwise be stored and ignored). Other keywords pass."""
+        known = [spec.name for spec in fields(cls)]
+        for name, value in kwargs.items():
+            if name.startswith("skip_") and name not in known:
+                closest = difflib.get_close_matches(name, known, n=1, cutoff=0)[0]
+                raise ConfigFieldError(name, value, ", ".join(known),
+                                       f"is not an option of {owner} (did you mean {closest}?)")
 
     @classmethod
     def from_object(cls, obj) -> "SkipOptions":
@@ -216,6 +248,8 @@ __all__ = [
     "LN_VARIANTS",
     "SKIP_NORM_DIMS",
     "ConfigFieldError",
+    "holds_numbers",
+    "plain_int",
     "check_number",
     "SkipOptions",
     "ResNetSkipOptions",

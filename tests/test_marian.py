@@ -317,6 +317,22 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(gradients[0][name], gradients[1][name], msg=name)
 
 
+
+@pytest.mark.parametrize("model_class", [RSkipMarianModel, RSkipMarianMTModel])
+@pytest.mark.parametrize("variant", ["post_ln", "pre_ln", "rskip_ln"])
+def test_the_legacy_gradient_checkpointing_switch_checkpoints_every_layer(model_class, variant):
+    # The config switch stock Marian honours: its first module built consumed it, then ours replaced that module.
+    model = model_class(RSkipMarianConfig(**TINY, skip_variant=variant, gradient_checkpointing=True)).train()
+    layers = [*model.get_encoder().layers, *model.get_decoder().layers]
+    checkpointed = []
+    for layer in layers:
+        checkpoint = layer._gradient_checkpointing_func
+        layer._gradient_checkpointing_func = lambda *args, _layer=layer, _checkpoint=checkpoint, **kwargs: (
+            checkpointed.append(_layer), _checkpoint(*args, **kwargs))[1]
+    model(**inputs())[0].sum().backward()  # the last hidden state, or the logits
+    assert checkpointed == layers
+    assert "gradient_checkpointing" not in model.config.to_dict()  # consumed, as transformers does, not saved
+
 def test_hidden_states_and_attentions_are_returned():
     model = rskip_model()
     model.set_attn_implementation("eager")  # sdpa does not return attention weights
