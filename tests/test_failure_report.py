@@ -58,5 +58,6 @@ def test_an_error_file_holds_the_one_line_not_the_printed_usage(tmp_path, monkey
     error_file = elastic_process(monkeypatch, tmp_path / "run_id" / "attempt_0", 0)
     report_failure("prog: error: argument --seeds: expected an integer >= 1, got '0'",
                    printed="usage: prog [-h]\nprog: error: argument --seeds: expected an integer >= 1, got '0'")
-    assert json.loads(error_file.read_text())["message"] == "prog: error: argument --seeds: expected an integer >= 1, got '0'"
+    assert json.loads(error_file.read_text())["message"] == ("prog: error: argument --seeds: expected an integer >= 1, "
+                                                             "got '0'")
     assert capsys.readouterr().err.startswith("usage: prog [-h]\n")

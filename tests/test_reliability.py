@@ -165,8 +165,9 @@ def test_resuming_from_a_named_damaged_checkpoint_is_an_error_naming_the_file(ch
     output_dir, args = checkpointed_run
     checkpoint = shutil.copytree(output_dir.parent / "pristine_step_4", tmp_path / "step_4")
     (checkpoint / "optimizer.bin").write_bytes(b"")
-    with pytest.raises(TrainingError, match=re.escape(
-            f"--resume_from_checkpoint {checkpoint} cannot be resumed from: {checkpoint / 'optimizer.bin'} has 0 bytes")):
+    message = (f"--resume_from_checkpoint {checkpoint} cannot be resumed from: {checkpoint / 'optimizer.bin'} has "
+               f"0 bytes")
+    with pytest.raises(TrainingError, match=re.escape(message)):
         train.main([*args, "--resume_from_checkpoint", str(checkpoint)])
 
 
@@ -301,7 +302,8 @@ def launch_two_processes(flags: list[str]) -> subprocess.CompletedProcess:
 def root_cause(launcher_stderr: str) -> str:
     """The message of the root cause in the launcher's summary of failed processes (torch elastic's format)."""
     summary = launcher_stderr.split("Root Cause (first observed failure):", 1)[1]
-    return next(line for line in summary.splitlines() if line.strip().startswith("traceback :")).split(":", 1)[1].strip()
+    line = next(line for line in summary.splitlines() if line.strip().startswith("traceback :"))
+    return line.split(":", 1)[1].strip()
 
 
 def tracebacks_outside_the_launcher(stderr: str) -> list[str]:

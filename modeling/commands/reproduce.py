@@ -573,7 +573,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if missing:
             parser.error(f"argument --data_dir: '{args.data_dir}' has no "
                          f"{' or '.join(name + ('[.gz]' if name.endswith('.en') else '') for name in missing)}, which "
-                         f"{args.experiment} reads; expected the folder of the offline data (../shared/data in a clone)")
+                         f"{args.experiment} reads; expected the folder of the offline data (../shared/data in a "
+                         "clone)")
     args.seeds = args.seeds or DEFAULT_SEEDS[args.experiment]
     args.output_dir = Path(args.output_dir or Path("runs") / "reproduce" / f"{args.experiment}-{args.preset}")
     return args

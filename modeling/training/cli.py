@@ -141,12 +141,6 @@ def finished_run(text: str) -> Path:
     return path
 
 
-def existing_folder(text: str) -> Path:
-    if not Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a folder")
-    return Path(text)
-
-
 def hub_repo_id(text: str) -> str:
     """A Hub repository id, `name` or `user/name`, as huggingface_hub checks it."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -238,7 +232,8 @@ def max_steps(text: str) -> int:
     """TrainingArguments.max_steps: a number of updates >= 1, or -1 (train for --num_train_epochs)."""
     value = bounded(int, -1)(text)
     if value == 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, or -1 (train for --num_train_epochs), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, or -1 (train for --num_train_epochs), "
+                                         f"got {text!r}")
     return value
 
 
