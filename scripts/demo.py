@@ -17,8 +17,11 @@ stacks, large rates or short warm-up, where the variants differ; `scripts/reprod
 """
 
 import argparse
+import contextlib
+import io
 import json
 import random
+import shlex
 import subprocess
 import sys
 import time
@@ -27,7 +30,10 @@ from pathlib import Path
 from num2words import num2words
 
 from rskip.tokenization import train_marian_tokenizer
+from rskip.training import TrainingError
+from rskip.training.cli import COUNT, SEED, CommandParser, output_folder, parse_translation_args, run_main
 from rskip.training.reporting import plot_curves
+from rskip.training.translation import MODEL_PRESETS
 
 SCRIPTS = Path(__file__).resolve().parent
 VARIANTS = {"post_ln": ["--skip_variant", "post_ln"],
@@ -35,20 +41,51 @@ VARIANTS = {"post_ln": ["--skip_variant", "post_ln"],
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--output_dir", default="runs/demo")
-    parser.add_argument("--largest_number", type=int, default=9999)
-    parser.add_argument("--train_size", type=int, default=8000)
-    parser.add_argument("--eval_size", type=int, default=200, help="Validation and test pairs each.")
-    parser.add_argument("--max_train_steps", type=int, default=500)
-    parser.add_argument("--eval_steps", type=int, default=125)
-    parser.add_argument("--model_preset", default="transformer-tiny")
+    """The command line (`sys.argv[1:]` when `argv` is None), checked: a bad value stops here, before any data is
+    written, with usage and one line naming the flag."""
+    parser = CommandParser(description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--output_dir", type=output_folder, default="runs/demo")
+    parser.add_argument("--largest_number", type=COUNT, default=9999)
+    parser.add_argument("--train_size", type=COUNT, default=8000)
+    parser.add_argument("--eval_size", type=COUNT, default=200, help="Validation and test pairs each.")
+    parser.add_argument("--max_train_steps", type=COUNT, default=500)
+    parser.add_argument("--eval_steps", type=COUNT, default=125)
+    parser.add_argument("--model_preset", choices=sorted(MODEL_PRESETS), default="transformer-tiny")
     parser.add_argument("--config_overrides", default="encoder_layers=6,decoder_layers=6",
                         help="A deeper stack than the preset's: where the skip connection matters.")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=SEED, default=0)
     parser.add_argument("--extra_args", default="", help="More train_translation.py flags, for both runs.")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.train_size + 2 * args.eval_size > args.largest_number:
+        parser.error(f"argument --largest_number: the numbers are distinct, so it must be at least --train_size + 2 x "
+                     f"--eval_size = {args.train_size + 2 * args.eval_size}, got {args.largest_number}")
+    # Both training command lines, checked as train_translation.py checks them (--config_overrides, --extra_args).
+    data, tokenizer = Path(args.output_dir) / "data", Path(args.output_dir) / "tokenizer"
+    for variant in VARIANTS:
+        checked = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(checked):
+                parse_translation_args(training_flags(variant, data, tokenizer, Path(args.output_dir), args))
+        except SystemExit:
+            problem = checked.getvalue().strip().splitlines()[-1].split(" error: ", 1)[-1]
+            parser.error(problem if problem.startswith("argument --config_overrides:")
+                         else f"argument --extra_args: {problem}")
+    return args
+
+
+def training_flags(variant: str, data: Path, tokenizer: Path, output_dir: Path, args) -> list[str]:
+    """The train_translation.py flags of one variant's run."""
+    return [
+        "--train_file", str(data / "train"), "--validation_file", str(data / "valid"),
+        "--test_file", str(data / "test"),
+        "--source_lang", "en", "--target_lang", "de", "--tokenizer_name", str(tokenizer),
+        "--model_preset", args.model_preset, "--config_overrides", args.config_overrides,
+        "--learning_rate", "1e-3", "--num_warmup_steps", str(max(1, args.max_train_steps // 6)),
+        "--max_tokens", "2048", "--max_train_steps", str(args.max_train_steps), "--eval_steps", str(args.eval_steps),
+        "--num_beams", "4", "--val_max_target_length", "24", "--bleu_tokenize", "char", "--seed", str(args.seed),
+        "--output_dir", str(output_dir / variant), *VARIANTS[variant], *shlex.split(args.extra_args),
+    ]
 
 
 def write_number_pairs(folder: Path, largest_number: int, train_size: int, eval_size: int, seed: int) -> Path:
@@ -65,19 +102,12 @@ def write_number_pairs(folder: Path, largest_number: int, train_size: int, eval_
 
 def train(variant: str, data: Path, tokenizer: Path, output_dir: Path, args) -> dict:
     """One `train_translation.py` run in a fresh process; returns its results.json."""
-    command = [
-        sys.executable, str(SCRIPTS / "train_translation.py"),
-        "--train_file", str(data / "train"), "--validation_file", str(data / "valid"),
-        "--test_file", str(data / "test"),
-        "--source_lang", "en", "--target_lang", "de", "--tokenizer_name", str(tokenizer),
-        "--model_preset", args.model_preset, "--config_overrides", args.config_overrides,
-        "--learning_rate", "1e-3", "--num_warmup_steps", str(max(1, args.max_train_steps // 6)),
-        "--max_tokens", "2048", "--max_train_steps", str(args.max_train_steps), "--eval_steps", str(args.eval_steps),
-        "--num_beams", "4", "--val_max_target_length", "24", "--bleu_tokenize", "char", "--seed", str(args.seed),
-        "--output_dir", str(output_dir / variant), *VARIANTS[variant], *args.extra_args.split(),
-    ]
+    command = [sys.executable, str(SCRIPTS / "train_translation.py"),
+               *training_flags(variant, data, tokenizer, output_dir, args)]
     print(f"\n=== {variant}: {' '.join(command[1:])}", flush=True)
-    subprocess.run(command, check=True)
+    status = subprocess.run(command).returncode
+    if status != 0:  # the run printed its own error above
+        raise TrainingError(f"the {variant} run failed (exit status {status}); its message is above")
     return json.loads((output_dir / variant / "results.json").read_text())
 
 
@@ -122,4 +152,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

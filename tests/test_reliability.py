@@ -4,6 +4,7 @@ checkpoints, signals that save, no silent reuse of another run's folder, and dat
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -164,8 +165,9 @@ def test_resuming_from_a_named_damaged_checkpoint_is_an_error_naming_the_file(ch
     output_dir, args = checkpointed_run
     checkpoint = shutil.copytree(output_dir.parent / "pristine_step_4", tmp_path / "step_4")
     (checkpoint / "optimizer.bin").write_bytes(b"")
-    with pytest.raises(TrainingError, match=rf"--resume_from_checkpoint {checkpoint} cannot be resumed from: "
-                                            rf"{checkpoint / 'optimizer.bin'} has 0 bytes"):
+    message = (f"--resume_from_checkpoint {checkpoint} cannot be resumed from: {checkpoint / 'optimizer.bin'} has "
+               f"0 bytes")
+    with pytest.raises(TrainingError, match=re.escape(message)):
         train.main([*args, "--resume_from_checkpoint", str(checkpoint)])
 
 
@@ -214,7 +216,18 @@ def test_a_signal_finishes_the_update_saves_a_checkpoint_and_exits_with_its_stat
     assert "Traceback" not in stderr
 
 
-def test_a_second_ctrl_c_stops_at_once():
+@pytest.fixture(params=["default_int_handler", "ignored"])
+def inherited_sigint(request):
+    """SIGINT's disposition before a run, set here rather than inherited: Python's `default_int_handler` in a
+    foreground process, "ignored" when the suite was started in the background (`make test &`, nohup, some CI)."""
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, {"default_int_handler": signal.default_int_handler,
+                                  "ignored": signal.SIG_IGN}[request.param])
+    yield signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, before)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_previous_handler_comes_back(inherited_sigint):
     with StopSignals() as signals:
         os.kill(os.getpid(), signal.SIGINT)
         deadline = time.time() + 5
@@ -224,7 +237,7 @@ def test_a_second_ctrl_c_stops_at_once():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is inherited_sigint
 
 
 def test_sigterm_to_accelerate_launch_stops_every_process(tmp_path, cifar_parquet):  # noqa: F811
@@ -249,7 +262,7 @@ def test_sigterm_to_accelerate_launch_stops_every_process(tmp_path, cifar_parque
 def test_an_empty_text_file_is_named(tmp_path):
     for name in ("train.en", "train.de", "valid.en", "valid.de"):
         (tmp_path / name).write_text("" if name == "train.en" else "a line\n")
-    with pytest.raises(TrainingError, match=rf"{tmp_path / 'train.en'} is empty"):
+    with pytest.raises(TrainingError, match=re.escape(f"{tmp_path / 'train.en'} is empty")):
         load_translation_pairs(parse_translation_args([
             "--train_file", str(tmp_path / "train"), "--validation_file", str(tmp_path / "valid"),
             "--source_lang", "en", "--target_lang", "de", "--model_preset", "transformer-tiny",
@@ -279,22 +292,70 @@ def test_a_corrupt_training_row_is_named_by_its_row(tmp_path, cifar_parquet):  #
                                                            "--validation_size", "8", "--output_dir", "out"]))
 
 
-def test_with_two_processes_a_data_error_is_one_message(tmp_path, cifar_parquet):  # noqa: F811
+def launch_two_processes(flags: list[str]) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
-               *tiny_args(cifar_parquet, tmp_path / "run", "--label_column", "category")]
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *flags]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
+def root_cause(launcher_stderr: str) -> str:
+    """The message of the root cause in the launcher's summary of failed processes (torch elastic's format)."""
+    summary = launcher_stderr.split("Root Cause (first observed failure):", 1)[1]
+    line = next(line for line in summary.splitlines() if line.strip().startswith("traceback :"))
+    return line.split(":", 1)[1].strip()
+
+
+def tracebacks_outside_the_launcher(stderr: str) -> list[str]:
+    """Frames of any traceback that are not the launcher's own (accelerate's and torch's code)."""
+    import accelerate
+
+    launcher_code = (str(Path(accelerate.__file__).parent), str(Path(torch.__file__).parent), "<frozen runpy>")
+    frames = [line.strip() for line in stderr.splitlines() if line.lstrip().startswith('File "')]
+    return [frame for frame in frames if not frame[len('File "'):].startswith(launcher_code)]
+
+
+def test_with_two_processes_a_data_error_is_one_message_and_the_launchers_root_cause(tmp_path, cifar_parquet):  # noqa: F811
+    completed = launch_two_processes(tiny_args(cifar_parquet, tmp_path / "run", "--label_column", "category"))
     assert completed.returncode != 0
+    message = f"error: {cifar_parquet} has no column 'category' (--label_column); its columns are: img, label"
     errors = [line for line in completed.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: {cifar_parquet} has no column 'category' (--label_column); its columns are: img, "
-                      f"label"], completed.stderr[-3000:]
-    # Neither process shows a traceback (the launcher then reports the failed processes in its own words).
-    assert "rskip" not in completed.stderr.replace(str(SCRIPT), "") and "TrainingError" not in completed.stderr
+    assert errors == [message], completed.stderr[-3000:]
+    assert root_cause(completed.stderr) == message, completed.stderr[-3000:]
+    # No process shows a traceback of its own; `accelerate launch` prints its own (see the README).
+    assert tracebacks_outside_the_launcher(completed.stderr) == [] and "TrainingError" not in completed.stderr
+    assert completed.stderr.count("Traceback (most recent call last)") <= 1
 
 
-def test_config_overrides_are_checked_like_the_config(marian_tokenizer):
-    args = parse_translation_args([*TRANSLATION_BASE[:-2], "--output_dir", "out", "--config_overrides",
-                                   "d_model=30", "--tokenizer_name", marian_tokenizer.name_or_path])
+def test_with_two_processes_a_bad_flag_is_one_usage_error_and_the_launchers_root_cause(tmp_path, cifar_parquet):  # noqa: F811
+    completed = launch_two_processes(tiny_args(cifar_parquet, tmp_path / "run", "--max_train_steps", "0"))
+    assert completed.returncode != 0
+    message = "argument --max_train_steps: expected an integer >= 1, got '0'"
+    errors = [line for line in completed.stderr.splitlines()
+              if line.endswith(f"error: {message}") and not line.startswith(" ")]  # not the launcher's summary
+    assert len(errors) == 1 and completed.stderr.count("usage: ") == 1, completed.stderr[-3000:]
+    assert root_cause(completed.stderr) == errors[0], completed.stderr[-3000:]
+    assert tracebacks_outside_the_launcher(completed.stderr) == []
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ("d_model=30", "d_model=30 is not divisible by the number of attention heads"),
+    ("dropout=x", "could not convert string to float"),
+    ("no_such_field=1", "key no_such_field isn't in the original config dict"),
+])
+def test_config_overrides_are_checked_like_the_config_before_any_work(capsys, overrides, message):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_translation_args([*TRANSLATION_BASE, "--config_overrides", overrides])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"{Path(sys.argv[0]).name}: error: argument --config_overrides: {overrides!r}: ") and \
+        message in error, error
+
+
+def test_config_overrides_of_a_checkpoint_are_checked_when_it_is_read(marian_tokenizer):
+    args = parse_translation_args([*TRANSLATION_BASE[:-4], "--model_name_or_path", "unused", "--output_dir", "out",
+                                   "--config_overrides", "d_model=30", "--tokenizer_name",
+                                   marian_tokenizer.name_or_path])
+    args.model_name_or_path, args.model_preset = None, "transformer-tiny"  # build from the preset, as a checkpoint
     with pytest.raises(TrainingError, match=r"model configuration: d_model=30"):
         build_model(args, marian_tokenizer)

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +17,8 @@ from rskip.training.cli import parse_image_classification_args
 from image_helpers import cifar_parquet, one_torch_thread, tiny_args  # fixtures: cifar_parquet, one_torch_thread
 from rskip import RSkipResNetForImageClassification
 
-ACCELERATE = Path(sys.executable).with_name("accelerate")
+# `accelerate launch` through this interpreter: no assumption about where the environment put its console scripts.
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 BATCHNORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -43,7 +43,7 @@ def test_two_processes_train_as_one_process_accumulating_two_micro_batches(tmp_p
     common = ["--validation_size", "15", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "4",
               "--checkpointing_steps", "4"]
     # `--cpu` would make `accelerate launch` start a single process: torchrun's launcher, told to stay on the CPU.
-    command = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    command = [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "rskip.commands.train_image_classification", *tiny_args(cifar_parquet, tmp_path / "ddp", *common)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300,

@@ -139,8 +139,8 @@ def test_pretrained_weights_that_cannot_be_loaded_are_named():
     (["--eval_steps", "0"], "argument --eval_steps: expected a number of steps or 'epoch', got '0'"),
     (["--validation_size", "1.5"], "argument --validation_size: expected a fraction between 0 and 1 or a number of "
                                    "images, got '1.5'"),
-    (["--lr_decay_milestones", "0.5", "75"], "argument --lr_decay_milestones: fractions of training between 0 and 1, "
-                                             "got [0.5, 75.0]"),
+    (["--lr_decay_milestones", "0.5", "75"], "argument --lr_decay_milestones: expected a number > 0 and < 1, "
+                                             "got '75'"),
     (["--dataset_name", "uoft-cs/cifar10"], "give one of --dataset_name, --train_file (parquet) or --train_dir "
                                             "(image folder), not --dataset_name and --train_file"),
     (["--validation_dir", "val"], "--validation_dir goes with --train_dir"),

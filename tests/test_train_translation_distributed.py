@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -16,7 +15,8 @@ from rskip.training.cli import parse_translation_args
 from conftest import REPO
 from translation_helpers import tiny_args, write_pairs
 
-ACCELERATE = Path(sys.executable).with_name("accelerate")
+# `accelerate launch` through this interpreter: no assumption about where the environment put its console scripts.
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 
 
 def test_two_processes_train_as_one_process_accumulating_two_micro_batches(tmp_path, multi30k_dir, marian_tokenizer):
@@ -27,7 +27,7 @@ def test_two_processes_train_as_one_process_accumulating_two_micro_batches(tmp_p
     data = write_pairs(tmp_path / "data", multi30k_dir)
     common = ["--config_overrides", "dropout=0.0", "--max_train_steps", "3", "--checkpointing_steps", "3"]
     # `--cpu` would make `accelerate launch` start a single process: torchrun's launcher, told to stay on the CPU.
-    command = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    command = [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rskip.commands.train_translation",
                *tiny_args(data, tmp_path / "ddp", marian_tokenizer.name_or_path, *common)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300,
@@ -54,7 +54,7 @@ def test_two_processes_train_as_one_process_accumulating_two_micro_batches(tmp_p
 def test_fsdp2_trains_checkpoints_and_resumes(tmp_path, multi30k_dir, marian_tokenizer):
     """FSDP (version 2) over two CPU processes: sharded training, validation, checkpoints, resume, test."""
     data = write_pairs(tmp_path / "data", multi30k_dir)
-    launch = [str(ACCELERATE), "launch", "--use_fsdp", "--fsdp_version", "2", "--num_processes", "2",
+    launch = [*ACCELERATE_LAUNCH, "--use_fsdp", "--fsdp_version", "2", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
               "--fsdp_transformer_layer_cls_to_wrap", "RSkipMarianEncoderLayer,RSkipMarianDecoderLayer",

@@ -33,7 +33,7 @@ import torch.utils.benchmark as torch_benchmark  # noqa: E402
 from transformers import MarianConfig, MarianMTModel  # noqa: E402
 
 import rskip  # noqa: E402
-from rskip.training.cli import run_main  # noqa: E402
+from rskip.training.cli import COUNT, POSITIVE, CommandParser, bounded, output_folder, run_main  # noqa: E402
 
 MARIAN_VARIANTS = [
     dict(skip_variant="post_ln"),
@@ -225,35 +225,73 @@ def plot(results, path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+IMAGE_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "preact_resnet20", "preact_resnet56",
+                "preact_resnet110")
+
+
+def device(text: str) -> str:
+    """--device: a torch device that this machine has."""
+    try:
+        parsed = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu, cuda or cuda:1, got {text!r}") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}, but this machine has no CUDA device; expected cpu")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if parsed.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}")
+    return text
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (`sys.argv[1:]` when `argv` is None), checked: a bad value stops here, before any model is
+    built, with usage and one line naming the flag."""
+    parser = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=("marian", "resnet"), default="marian")
-    parser.add_argument("--output_dir", default="runs/benchmark")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--min_run_time", type=float, default=1.0, help="seconds of timing per model and round")
-    parser.add_argument("--rounds", type=int, default=5, help="timing rounds; each model's median is reported")
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--output_dir", type=output_folder, default="runs/benchmark")
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=COUNT, default=torch.get_num_threads())
+    parser.add_argument("--min_run_time", type=POSITIVE, default=1.0, help="seconds of timing per model and round")
+    parser.add_argument("--rounds", type=COUNT, default=5, help="timing rounds; each model's median is reported")
+    parser.add_argument("--batch_size", type=COUNT, default=16)
     parser.add_argument("--compile", action="store_true", help="add torch.compile'd stock and K = 2 rows")
     group = parser.add_argument_group("marian")
     group.add_argument("--preset", choices=tuple(MARIAN_PRESETS), help="transformer size; overrides the three below")
-    group.add_argument("--d_model", type=int, default=256)
-    group.add_argument("--heads", type=int, default=4)
-    group.add_argument("--layers", type=int, default=3, help="encoder and decoder layers each")
-    group.add_argument("--vocab_size", type=int, default=8000)
-    group.add_argument("--seq_len", type=int, default=32, help="source and target tokens; tokens generated")
-    group.add_argument("--generate_batch_size", type=int, default=8, help="sentences per beam-4 generate call")
+    group.add_argument("--d_model", type=COUNT, default=256)
+    group.add_argument("--heads", type=COUNT, default=4)
+    group.add_argument("--layers", type=COUNT, default=3, help="encoder and decoder layers each")
+    # the last two ids are padding and end of sentence; the random sentences need at least one more
+    group.add_argument("--vocab_size", type=bounded(int, 3), default=8000)
+    group.add_argument("--seq_len", type=COUNT, default=32, help="source and target tokens; tokens generated")
+    group.add_argument("--generate_batch_size", type=COUNT,
+                       help="sentences per beam-4 generate call, at most --batch_size (default: 8, or --batch_size "
+                            "if smaller)")
     group = parser.add_argument_group("resnet")
-    group.add_argument("--image_model", default="resnet50",
-                       choices=("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "preact_resnet20",
-                                "preact_resnet56", "preact_resnet110"))
-    group.add_argument("--image_size", type=int, default=64)
+    group.add_argument("--image_model", default="resnet50", choices=IMAGE_MODELS)
+    group.add_argument("--image_size", type=bounded(int, 8), default=64)
     args = parser.parse_args(argv)
     if args.preset:
         vars(args).update(MARIAN_PRESETS[args.preset])
     if args.d_model % args.heads:
-        parser.error(f"--d_model {args.d_model} must be divisible by --heads {args.heads}")
+        parser.error(f"argument --heads: --d_model {args.d_model} must be divisible by --heads {args.heads}")
+    if args.generate_batch_size is None:
+        args.generate_batch_size = min(8, args.batch_size)
+    if args.family == "marian" and args.generate_batch_size > args.batch_size:
+        parser.error(f"argument --generate_batch_size: expected at most --batch_size {args.batch_size}, got "
+                     f"{args.generate_batch_size}")
+    if args.family == "resnet":
+        # BatchNorm in training needs two values per channel: batch x the last stage's pixels
+        # (the image divided by 32 for ImageNet ResNets, by 4 for the CIFAR PreAct-ResNets).
+        stride = 4 if args.image_model.startswith("preact_") else 32
+        if args.batch_size * (-(-args.image_size // stride)) ** 2 < 2:
+            parser.error(f"argument --image_size: expected at least {stride + 1} for {args.image_model} with "
+                         f"--batch_size 1 (its last stage must keep 2x2 pixels for BatchNorm), got {args.image_size}")
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     print(f"benchmark: {args.family} on {args.device}, {args.threads} threads", flush=True)

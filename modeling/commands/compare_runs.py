@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from rskip.training.cli import run_main
+from rskip.training.cli import CommandParser, finished_run, run_main
 from rskip.training.model_card import skip_options_of
 from rskip.training.reporting import plot_curves
 
@@ -49,15 +49,40 @@ def compare(run_dirs: list[Path], output: Path) -> list[dict]:
     return runs
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dirs", nargs="+", type=Path, help="Finished runs' output folders.")
-    parser.add_argument("--output", type=Path, default=Path("comparison.png"), help="Where to write the curves.")
+def figure_path(text: str) -> Path:
+    """--output: an image file matplotlib can write (.png, .pdf, .svg...) in an existing folder."""
+    import matplotlib.pyplot as plt
+
+    path = Path(text)
+    formats = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    if path.suffix.lstrip(".").lower() not in formats:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an image file name; expected one ending in "
+                                         f"{', '.join('.' + name for name in sorted(formats))}")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; expected an image file name")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: its folder {str(path.parent)!r} does not exist")
+    return path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (`sys.argv[1:]` when `argv` is None), checked before any run is read."""
+    parser = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", nargs="+", type=finished_run, help="Finished runs' output folders.")
+    parser.add_argument("--output", type=figure_path, default=Path("comparison.png"),
+                        help="Where to write the curves (.png, .pdf, .svg...).")
     args = parser.parse_args(argv)
+    args.parser = parser
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         return compare(args.run_dirs, args.output)
     except (FileNotFoundError, ValueError) as error:
-        parser.error(str(error))
+        args.parser.error(str(error))
 
 
 def run() -> None:

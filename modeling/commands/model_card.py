@@ -11,22 +11,30 @@ training scripts write it at the end of every run.
 
 import argparse
 
-from rskip.training.cli import run_main
+from rskip.training.cli import CommandParser, finished_run, hub_repo_id, run_main
 from rskip.training.model_card import write_model_card
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("output_dir", help="A finished run's --output_dir (holding results.json and config.json).")
-    parser.add_argument("--repo_id", help="The Hub repository the card describes (default: the run's --hub_model_id "
-                                          "or the folder's name).")
-    parser.add_argument("--baseline", help="Another run's output folder (same task), compared in a table; the card "
-                                           "lists the settings in which its command differs besides the skip options.")
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (`sys.argv[1:]` when `argv` is None), checked before the card is written."""
+    parser = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output_dir", type=finished_run,
+                        help="A finished run's --output_dir (holding results.json and config.json).")
+    parser.add_argument("--repo_id", type=hub_repo_id, help="The Hub repository the card describes (default: the "
+                                                            "run's --hub_model_id or the folder's name).")
+    parser.add_argument("--baseline", type=finished_run, help="Another run's output folder (same task), compared in "
+                        "a table; the card lists the settings in which its command differs besides the skip options.")
     args = parser.parse_args(argv)
+    args.parser = parser
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         path = write_model_card(args.output_dir, args.repo_id, args.baseline)
     except (FileNotFoundError, ValueError) as error:
-        parser.error(str(error))
+        args.parser.error(str(error))
     print(f"wrote {path}")
 
 

@@ -10,20 +10,25 @@ HF_TOKEN or `hf auth login`'s.
 
 import argparse
 
-from rskip.training.cli import run_main
+from rskip.training.cli import CommandParser, finished_run, hub_repo_id, run_main
 from rskip.training.hub import push_finished_run
 
 
-def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", help="A finished run's --output_dir.")
-    parser.add_argument("repo_id", help="The Hub repository, user/name; created if needed.")
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (`sys.argv[1:]` when `argv` is None), checked before anything is uploaded."""
+    parser = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=finished_run, help="A finished run's --output_dir.")
+    parser.add_argument("repo_id", type=hub_repo_id, help="The Hub repository, user/name; created if needed.")
     parser.add_argument("--private", action="store_true", help="Create the repository private.")
     parser.add_argument("--revision", help="A branch to push to (created from main if needed).")
     parser.add_argument("--create_pr", action="store_true", help="Open a pull request instead of committing.")
     parser.add_argument("--commit_message")
     parser.add_argument("--token")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> str:
+    args = parse_args(argv)
     url = push_finished_run(args.run_dir, args.repo_id, token=args.token, private=args.private or None,
                             revision=args.revision, create_pr=args.create_pr, commit_message=args.commit_message)
     print(f"pushed {args.run_dir} to {url}")

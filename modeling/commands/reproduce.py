@@ -30,7 +30,14 @@ import torch
 from rskip import CifarPreActResNet, ResNetSkipOptions, RSkipMarianConfig, RSkipMarianMTModel, SkipOptions
 from rskip.diagnostics import measure, plot_by_depth, plot_layers, random_batch
 from rskip.training import TrainingConfig, TrainingError, train
-from rskip.training.cli import parse_image_classification_args, parse_translation_args, run_main
+from rskip.training.cli import (
+    COUNT,
+    CommandParser,
+    output_folder,
+    parse_image_classification_args,
+    parse_translation_args,
+    run_main,
+)
 from rskip.training.image_classification import ImageClassificationTask
 from rskip.training.reporting import plot_curves
 from rskip.training.translation import MODEL_PRESETS, TranslationTask
@@ -523,8 +530,16 @@ EXPERIMENTS = {"gradients": run_gradients, "stability": run_stability, "translat
 DEFAULT_SEEDS = {"gradients": 1, "stability": 1, "translation": 3, "cifar": 3, "bn": 3}
 
 
+CIFAR_MODELS = ("preact_resnet20", "preact_resnet56", "preact_resnet110", "preact_resnet164")
+# The offline files each experiment reads from --data_dir (read_pairs takes PREFIX.<lang> or PREFIX.<lang>.gz).
+NEEDED_DATA = {"stability": ["multi30k/train.en"], "translation": ["multi30k/train.en"],
+               "cifar": ["cifar10/train.parquet"], "bn": ["multi30k/train.en", "cifar10/train.parquet"]}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command line (`sys.argv[1:]` when `argv` is None), checked: a bad value stops here, before any
+    experiment starts, with usage and one line naming the flag."""
+    parser = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", choices=sorted(EXPERIMENTS))
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="preset", action="store_const", const="quick",
@@ -532,21 +547,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     size.add_argument("--full", dest="preset", action="store_const", const="full", help="Paper scale, for GPUs.")
     size.add_argument("--mini", dest="preset", action="store_const", const="mini", help="Seconds: the tests' size.")
     parser.set_defaults(preset="quick")
-    parser.add_argument("--seeds", type=int, help="Seeds per configuration. Default: 1 for gradients and stability "
-                                                  "(deterministic enough to read), 3 for the others.")
-    parser.add_argument("--translation_preset", choices=sorted(TRANSLATION_DATA), default="multi30k",
-                        help="translation: the data (iwslt15 and wmt14 come from the Hub, for GPU users; wmt14 "
-                             "compares transformer-base with rSkip+LN against transformer-big with post-LN).")
-    parser.add_argument("--models", nargs="+", help="cifar, bn: the CIFAR models (default: the preset's).")
-    parser.add_argument("--variants", nargs="+", help="The variants to compare, by their labels (default: the "
-                        "preset's; e.g. plain 'rskip_ln K=2'); the first is the reference.")
+    parser.add_argument("--seeds", type=COUNT, help="Seeds per configuration. Default: 1 for gradients and stability "
+                                                    "(deterministic enough to read), 3 for the others.")
+    parser.add_argument("--translation_preset", choices=sorted(TRANSLATION_DATA),
+                        help="translation: the data (default multi30k; iwslt15 and wmt14 come from the Hub, for GPU "
+                             "users; wmt14 compares transformer-base with rSkip+LN against transformer-big with "
+                             "post-LN).")
+    parser.add_argument("--models", nargs="+", choices=CIFAR_MODELS,
+                        help="cifar, bn: the CIFAR models (default: the preset's).")
+    parser.add_argument("--variants", nargs="+", choices=list(ALL_VARIANTS), metavar="VARIANT",
+                        help="The variants to compare, by their labels (default: the preset's; e.g. plain "
+                             f"'rskip_ln K=2'); the first is the reference. Known: {', '.join(ALL_VARIANTS)}.")
     parser.add_argument("--data_dir", type=Path, default=DATA, help="The offline data (multi30k/, cifar10/).")
-    parser.add_argument("--output_dir", type=Path, help="Default: runs/reproduce/<experiment>-<preset>.")
+    parser.add_argument("--output_dir", type=output_folder, help="Default: runs/reproduce/<experiment>-<preset>.")
     args = parser.parse_args(argv)
+    for flag, experiments in (("models", ("cifar", "bn")), ("variants", tuple(set(EXPERIMENTS) - {"bn"})),
+                              ("translation_preset", ("translation",))):
+        if getattr(args, flag) is not None and args.experiment not in experiments:
+            parser.error(f"argument --{flag}: not used by {args.experiment}; it goes with "
+                         f"{' and '.join(sorted(experiments))}")
+    args.translation_preset = args.translation_preset or "multi30k"
+    if args.translation_preset == "multi30k":
+        missing = [name for name in NEEDED_DATA.get(args.experiment, [])
+                   if not any((args.data_dir / (name + suffix)).is_file() for suffix in ("", ".gz"))]
+        if missing:
+            parser.error(f"argument --data_dir: '{args.data_dir}' has no "
+                         f"{' or '.join(name + ('[.gz]' if name.endswith('.en') else '') for name in missing)}, which "
+                         f"{args.experiment} reads; expected the folder of the offline data (../shared/data in a "
+                         "clone)")
     args.seeds = args.seeds or DEFAULT_SEEDS[args.experiment]
-    if args.seeds < 1:
-        parser.error("--seeds must be >= 1")
-    args.output_dir = args.output_dir or Path("runs") / "reproduce" / f"{args.experiment}-{args.preset}"
+    args.output_dir = Path(args.output_dir or Path("runs") / "reproduce" / f"{args.experiment}-{args.preset}")
     return args
 
 
@@ -554,10 +584,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     preset = PRESETS[args.experiment][args.preset]
-    if args.variants and args.experiment != "bn":
-        unknown = [label for label in args.variants if label not in ALL_VARIANTS]
-        if unknown:
-            raise SystemExit(f"unknown --variants {unknown}; known: {', '.join(ALL_VARIANTS)}")
+    if args.variants:
         preset = dict(preset, variants=args.variants)
     if args.models and args.experiment == "cifar":
         preset = dict(preset, models=args.models)

@@ -7,13 +7,13 @@ after parsing, so that a bad value stops the run before any work with one messag
   documentation, types and choices); `check_skip_arguments` maps a `ConfigFieldError` to the flag by its `field`.
 - `parse_trainer_args`: a command line split between a transformers `TrainingArguments` class and a script's flags,
   for the Trainer examples.
-- `run_main`: a `TrainingError` becomes `error: <message>` and exit status 1, not a traceback.
+- `run_main`: a `TrainingError` becomes `error: <message>` and exit status 1, not a traceback; `CommandParser`, the
+  commands' parser; `bounded` and the other argparse types check numbers, folders and lists where they are parsed.
 """
 
 import argparse
 import dataclasses
 import math
-import os
 import shlex
 import signal
 import sys
@@ -24,9 +24,11 @@ from sacrebleu.metrics import BLEU
 from timm.models import split_model_name_tag
 from transformers import HfArgumentParser
 
+from ..configuration_rskip_marian import RSkipMarianConfig
 from ..skip_options import ConfigFieldError, ResNetSkipOptions, SkipOptions
 from ..timm_resnets import rskip_architecture
 from .errors import TrainingError
+from .failure_report import report_failure
 from .hub import HUB_STRATEGIES
 from .signals import RunStopped
 from .image_classification import DEFAULT_WARMUP_STEPS, IMAGE_COLUMNS, LABEL_COLUMNS, WARMUP_MODELS
@@ -42,20 +44,31 @@ IMAGE_CLASSIFICATION_DESCRIPTION = TRANSLATION_DESCRIPTION.replace("a translatio
 
 def run_main(main: Callable[[], object]) -> None:
     """Call `main()`, turning the ways a run ends early into one line and the conventional exit status instead of a
-    traceback: a `TrainingError` prints `error: <message>` (on the main process only) and exits with 1; a run
-    stopped by a signal exits with 128 + its number (143 for SIGTERM, 130 for SIGINT); a second Ctrl-C exits with
-    130."""
+    traceback: a `TrainingError` prints `error: <message>` and exits with 1 (under `accelerate launch`, where every
+    process raises the same error, one process prints it and each hands it to the launcher's summary:
+    `rskip.training.failure_report`); a run stopped by a signal exits with 128 + its number (143 for SIGTERM, 130
+    for SIGINT); a second Ctrl-C exits with 130."""
     try:
         main()
     except TrainingError as error:
-        if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, every process raises the same error
-            print(f"error: {error}", file=sys.stderr)
+        report_failure(f"error: {error}")
         sys.exit(1)
     except RunStopped as stop:
         sys.exit(stop.exit_status)
     except KeyboardInterrupt:
         print("Interrupted: stopped at once, without saving a checkpoint", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The parser of every rskip command: argparse's, whose usage error (usage, then `<prog>: error: argument
+    --flag: ...`, exit status 2) is printed once under a launcher with several processes and named as the root
+    cause in the launcher's summary, like a `TrainingError` in `run_main`."""
+
+    def error(self, message: str):
+        line = f"{self.prog}: error: {message}"
+        report_failure(line, printed=self.format_usage() + line)
+        sys.exit(2)
 
 
 # Flags whose values are secrets: never written to results, cards, trackers or logs.
@@ -114,6 +127,28 @@ def output_folder(text: str) -> str:
     """--output_dir: a folder, existing or not, but not a file."""
     if Path(text).exists() and not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a file; expected a folder (existing or not)")
+    return text
+
+
+def finished_run(text: str) -> Path:
+    """A finished training run's --output_dir: a folder holding results.json."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finished training run's output folder (no such folder)")
+    if not (path / "results.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finished training run's output folder (it has no "
+                                         "results.json)")
+    return path
+
+
+def hub_repo_id(text: str) -> str:
+    """A Hub repository id, `name` or `user/name`, as huggingface_hub checks it."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Hub repository id (user/name): {error}") from None
     return text
 
 
@@ -193,19 +228,59 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
                               "all_checkpoints, also each checkpoint in checkpoints/step_<N>/.")
 
 
+def max_steps(text: str) -> int:
+    """TrainingArguments.max_steps: a number of updates >= 1, or -1 (train for --num_train_epochs)."""
+    value = bounded(int, -1)(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, or -1 (train for --num_train_epochs), "
+                                         f"got {text!r}")
+    return value
+
+
+# The range of every number of transformers' (Seq2Seq)TrainingArguments, which takes any number its type allows.
+TRAINER_NUMBERS = {
+    "per_device_train_batch_size": COUNT, "per_device_eval_batch_size": COUNT, "gradient_accumulation_steps": COUNT,
+    "eval_accumulation_steps": COUNT, "num_train_epochs": POSITIVE, "max_steps": max_steps,
+    "learning_rate": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
+    "adam_beta1": FRACTION, "adam_beta2": FRACTION, "adam_epsilon": POSITIVE, "max_grad_norm": NON_NEGATIVE,
+    "label_smoothing_factor": FRACTION, "neftune_noise_alpha": POSITIVE, "torch_empty_cache_steps": COUNT,
+    "logging_steps": POSITIVE, "eval_steps": POSITIVE, "eval_delay": NON_NEGATIVE, "save_steps": POSITIVE,
+    "save_total_limit": COUNT, "seed": SEED, "data_seed": SEED, "dataloader_num_workers": NON_NEGATIVE_INT,
+    "dataloader_prefetch_factor": COUNT, "ddp_bucket_cap_mb": COUNT, "ddp_timeout": COUNT,
+    "local_rank": bounded(int, -1), "generation_max_length": COUNT, "generation_num_beams": COUNT,
+}
+
+
+class TrainerArgumentParser(HfArgumentParser):
+    """transformers' parser of a TrainingArguments class, with the numbers' ranges (`TRAINER_NUMBERS`) checked
+    where they are parsed and its errors reported as `CommandParser`'s."""
+
+    error = CommandParser.error
+
+    def __init__(self, arguments_class):
+        super().__init__(arguments_class)
+        for action in self._actions:
+            if action.dest in TRAINER_NUMBERS:
+                action.type = TRAINER_NUMBERS[action.dest]
+
+
 def parse_trainer_args(arguments_class, parse_args: Callable, argv: list[str] | None = None) -> tuple:
     """Split a command line (`sys.argv[1:]` when `argv` is None) between a transformers `TrainingArguments` class,
     which takes its fields, and a training script's `parse_args`, which takes the rest plus the Trainer's
-    --output_dir and --seed. Returns both parsed."""
-    training_args, rest = HfArgumentParser(arguments_class).parse_args_into_dataclasses(
-        args=sys.argv[1:] if argv is None else argv, return_remaining_strings=True)
+    --output_dir and --seed. Returns both parsed; a bad value of either exits with argparse's usage error."""
+    parser = TrainerArgumentParser(arguments_class)
+    try:
+        training_args, rest = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv,
+                                                                 return_remaining_strings=True)
+    except ValueError as error:  # TrainingArguments' own checks of how its fields go together
+        parser.error(str(error))
     args = parse_args([*rest, "--output_dir", training_args.output_dir, "--seed", str(training_args.seed)])
     return training_args, args
 
 
 def parse_translation_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line of `rskip-train-translation` (`sys.argv[1:]` when `argv` is None), checked."""
-    parser = argparse.ArgumentParser(description=TRANSLATION_DESCRIPTION,
+    parser = CommandParser(description=TRANSLATION_DESCRIPTION,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     data = parser.add_argument_group("data")
@@ -295,12 +370,29 @@ def parse_translation_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.max_tokens = 4096
     args.val_max_target_length = args.val_max_target_length or args.max_target_length
     check_skip_arguments(parser, args, SkipOptions)
+    if args.config_overrides:
+        check_config_overrides(parser, args)
     return args
+
+
+def check_config_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--config_overrides: `field=value` pairs of the config the run builds (a preset's: its shapes are checked
+    too; a checkpoint's is read later, so here only the fields and their types are)."""
+    try:
+        config = RSkipMarianConfig(**(MODEL_PRESETS[args.model_preset] if args.model_preset else {}),
+                                   **SkipOptions.given(args))
+        config.update_from_string(args.config_overrides)
+        config.skip_options()
+        if args.model_preset:
+            config.check_shapes()
+    except ValueError as error:
+        parser.error(f"argument --config_overrides: {args.config_overrides!r}: {error}; expected field=value pairs "
+                     "of RSkipMarianConfig separated by commas")
 
 
 def parse_image_classification_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line of `rskip-train-image-classification` (`sys.argv[1:]` when `argv` is None), checked."""
-    parser = argparse.ArgumentParser(description=IMAGE_CLASSIFICATION_DESCRIPTION,
+    parser = CommandParser(description=IMAGE_CLASSIFICATION_DESCRIPTION,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     data = parser.add_argument_group("data (images are converted to RGB)")
@@ -355,7 +447,8 @@ def parse_image_classification_args(argv: list[str] | None = None) -> argparse.N
 
     schedule = parser.add_argument_group("learning-rate schedule (counted in optimizer updates)")
     schedule.add_argument("--lr_scheduler_type", default="step", choices=["step", "cosine"])
-    schedule.add_argument("--lr_decay_milestones", type=float, nargs="+", default=[0.5, 0.75],
+    schedule.add_argument("--lr_decay_milestones", type=bounded(float, 0, 1, low_open=True, high_open=True), nargs="+",
+                          default=[0.5, 0.75],
                           help="step: the fractions of training after which the rate is multiplied by --lr_decay_rate.")
     schedule.add_argument("--lr_decay_rate", type=POSITIVE, default=0.1)
     schedule.add_argument("--num_warmup_steps", type=NON_NEGATIVE_INT,
@@ -387,9 +480,6 @@ def parse_image_classification_args(argv: list[str] | None = None) -> argparse.N
     for validation, train in (("validation_file", "train_file"), ("validation_dir", "train_dir")):
         if getattr(args, validation) and not getattr(args, train):
             parser.error(f"--{validation} goes with --{train}")
-    if not all(0 < fraction < 1 for fraction in args.lr_decay_milestones):
-        parser.error(f"argument --lr_decay_milestones: fractions of training between 0 and 1, "
-                     f"got {args.lr_decay_milestones}")
     if not args.pretrained:
         try:
             rskip_architecture(split_model_name_tag(args.model)[0])
@@ -404,7 +494,10 @@ def parse_image_classification_args(argv: list[str] | None = None) -> argparse.N
 
 def validation_size(text: str) -> float | int:
     """--validation_size: a fraction in (0, 1) or a whole number of images."""
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
     if 0 < value < 1:
         return value
     if value >= 1 and value.is_integer():
@@ -414,12 +507,15 @@ def validation_size(text: str) -> float | int:
 
 __all__ = [
     "run_main",
+    "CommandParser",
+    "bounded",
     "command_line",
     "steps_or_epoch",
     "add_skip_arguments",
     "check_skip_arguments",
     "add_output_arguments",
     "parse_trainer_args",
+    "TRAINER_NUMBERS",
     "parse_translation_args",
     "parse_image_classification_args",
     "validation_size",
