@@ -267,6 +267,8 @@ def test_bad_sources_are_refused_before_any_work(tmp_path, capsys):
     assert "model_type 'bert' is not supported" in error and "rskip_marian" in error
     error = usage_error(capsys, ["vit_tiny_patch16_224", "--output_dir", str(output)])
     assert "'vit_tiny_patch16_224' is not a ResNet" in error
+    error = usage_error(capsys, ["nobody/no-such-model", "--output_dir", str(output)])  # offline: no Hub
+    assert "nobody/no-such-model: neither a folder, a timm model name nor a Hub model id" in error
     assert not output.exists()
 
 
@@ -301,3 +303,21 @@ def test_translator_refuses_settings_it_cannot_reproduce(exported, tmp_path):
         translator.generate(input_ids.numpy(), attention_mask.numpy(), bad_words_ids=[[5, 6]])
     with pytest.raises(FileNotFoundError, match="no export.json"):
         OnnxTranslator(tmp_path / "elsewhere")
+
+
+def test_benchmark_flags_are_checked_before_any_work(tmp_path, capsys):
+    from rskip.commands import benchmark_deploy
+
+    output = tmp_path / "out"
+    for argv, expected in (
+        (["--batch_sizes", "1,0"], "argument --batch_sizes: expected integers >= 1 separated by commas, got '1,0'"),
+        (["--model_preset", "huge"], "argument --model_preset: invalid choice: 'huge'"),
+        (["--bleu_model", str(tmp_path)], "give both or neither"),
+        (["--bleu_model", str(tmp_path), "--bleu_data", str(tmp_path / "test")], "has no config.json"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            benchmark_deploy.main(["--output_dir", str(output), *argv])
+        assert stop.value.code == 2
+        error = capsys.readouterr().err
+        assert "usage:" in error and expected in error
+    assert not output.exists()
