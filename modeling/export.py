@@ -267,6 +267,7 @@ def export_translation_model(model: MarianMTModel, output_dir, tokenizer=None, o
     """Write ``encoder.pt2``/``decoder_step.pt2`` (`torch.export.save`), ``encoder.onnx``/``decoder_step.onnx``
     (and their ``_int8`` versions if `int8`), the config, the generation config, the tokenizer if given and
     ``export.json``; returns the manifest."""
+    require_onnx()
     programs = export_translation_programs(model)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -326,6 +327,7 @@ def export_image_classifier(model: nn.Module, output_dir, image_size: tuple[int,
                             opset: int = DEFAULT_OPSET, int8: bool = False) -> dict:
     """Write ``model.pt2``, ``model.onnx`` (and ``model_int8.onnx`` if `int8`) and ``export.json`` (with timm's
     preprocessing: input size, mean, std); returns the manifest."""
+    require_onnx()
     network = timm_network(model)
     data_config = dict(getattr(network, "pretrained_cfg", {}) or {})
     if image_size is None:
@@ -354,6 +356,15 @@ def export_image_classifier(model: nn.Module, output_dir, image_size: tuple[int,
 
 
 # Shared -------------------------------------------------------------------------------------------------------------
+
+
+def require_onnx() -> None:
+    """The `onnx` extra, checked before any work: torch's ONNX exporter needs onnx and onnxscript."""
+    import importlib.util
+
+    missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"exporting to ONNX needs {', '.join(missing)}: pip install 'rskip[onnx]'")
 
 
 def _write_program(program: torch.export.ExportedProgram, output_dir: Path, name: str, inputs: list[str],
@@ -392,6 +403,7 @@ def _versions(opset: int) -> dict:
 
 __all__ = [
     "ExportError",
+    "require_onnx",
     "ExportSource",
     "resolve_source",
     "load_for_export",

@@ -16,8 +16,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 from transformers import AutoTokenizer, GenerationConfig
+
+try:
+    import onnxruntime
+except ImportError as error:  # the `onnx` extra
+    raise ImportError("rskip.onnx_translation needs onnxruntime: pip install 'rskip[onnx]'") from error
 
 DECODER_PROMPT_LENGTH = 1  # the decoder start token
 # Settings `generate` reads that this translator does not implement, with the value that leaves the tokens alone.
@@ -38,7 +42,7 @@ class OnnxTranslator:
     """Greedy and beam-search translation with ONNX Runtime sessions on ``encoder[_int8].onnx`` and
     ``decoder_step[_int8].onnx``."""
 
-    def __init__(self, folder, int8: bool = False, session_options: onnxruntime.SessionOptions | None = None,
+    def __init__(self, folder, int8: bool = False, session_options: "onnxruntime.SessionOptions | None" = None,
                  providers: list[str] | None = None):
         folder = Path(folder)
         manifest_file = folder / "export.json"

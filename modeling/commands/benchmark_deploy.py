@@ -8,8 +8,9 @@ K = 2 and 3 of the same shape (--model_preset, default transformer-base, the siz
 weights (the extra norms start as the identity). Every run generates exactly --new_tokens tokens (min = max new
 tokens), so that the models do the same number of decoding steps whatever their weights say. Image classification:
 one forward pass of --resnet (default resnet50) at 224×224, stock (timm) and rskip_ln K = 2, 3. Each figure is the
-median of --repeats timed runs after one warm-up, all in this one process, with --threads threads for PyTorch and
-ONNX Runtime alike; ratios are against the stock model on the same backend and batch size.
+median of --repeats rounds, each round timing every configuration of a task once (after one warm-up run of each),
+all in this one process, with --threads threads for PyTorch and ONNX Runtime alike; ratios are against the stock
+model on the same backend and batch size.
 
 With --bleu_model (a trained translation folder, e.g. `scripts/demo.py`'s `runs/demo/rskip_ln`) and --bleu_data
 (the prefix of PREFIX.<src> and PREFIX.<tgt>, e.g. the demo's `runs/demo/data/test`), the model is also exported and
@@ -86,16 +87,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def median_seconds(call, repeats: int) -> float:
-    call()  # warm-up: allocations, ONNX Runtime's first-run work
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
 def session_options(threads: int) -> onnxruntime.SessionOptions:
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
@@ -130,7 +121,7 @@ def translation_models(args) -> dict:
 def benchmark_translation(args, results: dict) -> None:
     models = translation_models(args)
     options = session_options(args.threads)
-    rows = []
+    calls = {}
     for name, model in models.items():
         folder = Path(args.output_dir) / "translation" / name.replace(" ", "-").replace("=", "")
         export_translation_model(model, folder, int8=True)
@@ -141,20 +132,16 @@ def benchmark_translation(args, results: dict) -> None:
                                       generator=torch.Generator().manual_seed(batch_size))
             attention_mask = torch.ones_like(input_ids)
 
-            def eager():
+            def eager(model=model, input_ids=input_ids, attention_mask=attention_mask):
                 with torch.no_grad():
                     return model.generate(input_ids, attention_mask=attention_mask)
 
-            calls = {"PyTorch eager": eager}
+            calls[name, "PyTorch eager", batch_size] = eager
             for backend, translator in translators.items():
-                calls[backend] = lambda translator=translator: translator.generate(input_ids.numpy(),
-                                                                                   attention_mask.numpy())
-            for backend, call in calls.items():
-                seconds = median_seconds(call, args.repeats)
-                rows.append({"model": name, "backend": backend, "batch_size": batch_size, "seconds": seconds})
-                print(f"  translation {name:<13} {backend:<18} batch {batch_size:>3}: {seconds * 1000:9.1f} ms",
-                      flush=True)
-    results["translation"] = with_ratios(rows)
+                calls[name, backend, batch_size] = (
+                    lambda translator=translator, input_ids=input_ids, attention_mask=attention_mask:
+                    translator.generate(input_ids.numpy(), attention_mask.numpy()))
+    results["translation"] = with_ratios(time_interleaved(calls, args.repeats, "translation"))
 
 
 # Image classification -----------------------------------------------------------------------------------------------
@@ -162,7 +149,7 @@ def benchmark_translation(args, results: dict) -> None:
 
 def benchmark_resnet(args, results: dict) -> None:
     options = session_options(args.threads)
-    rows = []
+    calls = {}
     torch.manual_seed(0)
     stock = timm.create_model(args.resnet).eval()
     for name, recursions in VARIANTS.items():
@@ -181,19 +168,36 @@ def benchmark_resnet(args, results: dict) -> None:
             pixel_values = torch.randn(batch_size, 3, args.image_size, args.image_size,
                                        generator=torch.Generator().manual_seed(batch_size))
 
-            def eager():
+            def eager(model=model, pixel_values=pixel_values):
                 with torch.no_grad():
                     return model(pixel_values)
 
-            calls = {"PyTorch eager": eager}
+            calls[name, "PyTorch eager", batch_size] = eager
             for backend, session in sessions.items():
-                calls[backend] = lambda session=session: session.run(None, {"pixel_values": pixel_values.numpy()})
-            for backend, call in calls.items():
-                seconds = median_seconds(call, args.repeats)
-                rows.append({"model": name, "backend": backend, "batch_size": batch_size, "seconds": seconds})
-                print(f"  {args.resnet} {name:<13} {backend:<18} batch {batch_size:>3}: {seconds * 1000:9.1f} ms",
-                      flush=True)
-    results["image_classification"] = with_ratios(rows)
+                calls[name, backend, batch_size] = (
+                    lambda session=session, pixel_values=pixel_values:
+                    session.run(None, {"pixel_values": pixel_values.numpy()}))
+    results["image_classification"] = with_ratios(time_interleaved(calls, args.repeats, args.resnet))
+
+
+def time_interleaved(calls: dict, repeats: int, label: str) -> list[dict]:
+    """Median seconds of each call over `repeats` rounds, each round timing every call once after a warm-up of
+    all: on a shared machine, load that drifts over minutes then weighs on every configuration alike."""
+    for call in calls.values():
+        call()
+    times = {key: [] for key in calls}
+    for _ in range(repeats):
+        for key, call in calls.items():
+            started = time.perf_counter()
+            call()
+            times[key].append(time.perf_counter() - started)
+    rows = []
+    for (name, backend, batch_size), seconds in times.items():
+        rows.append({"model": name, "backend": backend, "batch_size": batch_size,
+                     "seconds": statistics.median(seconds), "all_seconds": seconds})
+        print(f"  {label} {name:<13} {backend:<18} batch {batch_size:>3}: {rows[-1]['seconds'] * 1000:9.1f} ms",
+              flush=True)
+    return rows
 
 
 def with_ratios(rows: list[dict]) -> list[dict]:

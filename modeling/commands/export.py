@@ -24,6 +24,7 @@ from rskip.export import (
     export_translation_model,
     load_for_export,
     onnx_path,
+    require_onnx,
     resolve_source,
 )
 from rskip.skip_options import ConfigFieldError, ResNetSkipOptions
@@ -48,6 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_skip_arguments(parser, ResNetSkipOptions, default="the model's own; for a stock checkpoint, unchanged")
     args = parser.parse_args(argv)
     check_skip_arguments(parser, args, ResNetSkipOptions)
+    try:
+        require_onnx()
+    except ImportError as error:
+        parser.error(str(error))
     try:
         args.source = resolve_source(args.model_name_or_path, ResNetSkipOptions.given(args) or None,
                                      args.trust_remote_code)
