@@ -11,4 +11,6 @@ COMMANDS = {
     "rskip-compare-runs": "rskip.commands.compare_runs",
     "rskip-benchmark": "rskip.commands.benchmark",
     "rskip-reproduce": "rskip.commands.reproduce",
+    "rskip-export": "rskip.commands.export",
+    "rskip-benchmark-deploy": "rskip.commands.benchmark_deploy",
 }
