@@ -34,7 +34,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, MarianConfig, Mar
 from rskip import RSkipMarianConfig, RSkipMarianMTModel
 from rskip.export import export_image_classifier, export_translation_model, onnx_path
 from rskip.onnx_translation import OnnxTranslator
-from rskip.training.cli import COUNT, bounded, output_folder, run_main
+from rskip.training.cli import COUNT, CommandParser, bounded, output_folder, run_main
 from rskip.training.translation import MODEL_PRESETS
 
 VARIANTS = {"stock": None, "rskip_ln K=2": 2, "rskip_ln K=3": 3}
@@ -53,8 +53,8 @@ def count_list(text: str) -> tuple[int, ...]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="rskip-benchmark-deploy", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="rskip-benchmark-deploy", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", type=output_folder, default="runs/benchmark-deploy",
                         help="Exported models and results.json.")
     parser.add_argument("--tasks", choices=["all", "translation", "image-classification"], default="all")

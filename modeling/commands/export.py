@@ -28,15 +28,16 @@ from rskip.export import (
     resolve_source,
 )
 from rskip.skip_options import ConfigFieldError, ResNetSkipOptions
-from rskip.training.cli import add_skip_arguments, bounded, check_skip_arguments, output_folder, run_main
+from rskip.training.cli import (CommandParser, add_skip_arguments, bounded, check_skip_arguments, output_folder,
+                                run_main)
 
 OPSET = bounded(int, 18, 23)
 IMAGE_SIZE = bounded(int, 16)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="rskip-export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="rskip-export", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_name_or_path", help="A model folder, a Hub model id or a timm ResNet name.")
     parser.add_argument("--output_dir", type=output_folder, required=True)
     parser.add_argument("--int8", action="store_true",
