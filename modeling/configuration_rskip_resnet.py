@@ -2,7 +2,11 @@
 
 from transformers import PreTrainedConfig
 
+from .library_versions import require_versions, tested_ranges
 from .skip_options import ConfigFieldError, ResNetSkipOptions, check_number, with_skip_docs
+
+# Before the classes below: with older libraries they would fail deep inside them (the model code needs timm).
+require_versions("transformers", "timm")
 
 # The timm models of `timm_resnets`: CIFAR pre-activation ResNets, and timm's ImageNet ResNets with the skip options.
 CIFAR_BACKBONES = ("preact_resnet20", "preact_resnet56", "preact_resnet110", "preact_resnet164")
@@ -63,6 +67,10 @@ class RSkipResNetConfig(PreTrainedConfig, ResNetSkipOptions.config_fields()):
     def skip_options(self) -> ResNetSkipOptions:
         """The validated `skip_*` fields."""
         return ResNetSkipOptions.from_object(self)
+
+    def to_dict(self) -> dict:
+        # config.json tells the folder's users which library versions its code is tested with.
+        return {**super().to_dict(), "rskip_compatibility": tested_ranges("transformers", "timm")}
 
 
 __all__ = ["RSkipResNetConfig"]
