@@ -2,15 +2,16 @@
 
 import copy
 
-from huggingface_hub.errors import StrictDataclassFieldValidationError
-from transformers import MarianConfig
-
 from .library_versions import require_versions, tested_ranges
-from .pipeline_translation import TranslationPipeline
-from .skip_options import ConfigFieldError, SkipOptions, check_number, with_skip_docs
 
-# Before the classes below: with older transformers they would fail deep inside it.
+# First: with older transformers the imports and classes below would fail deep inside it.
 require_versions("transformers")
+
+from huggingface_hub.errors import StrictDataclassFieldValidationError  # noqa: E402
+from transformers import MarianConfig  # noqa: E402
+
+from .pipeline_translation import TranslationPipeline  # noqa: E402
+from .skip_options import ConfigFieldError, SkipOptions, check_number, with_skip_docs  # noqa: E402
 
 # Saved with every config so that `pipeline("translation", model=folder, trust_remote_code=True)` works:
 # transformers 5 has no translation pipeline of its own.

@@ -1,12 +1,13 @@
 """RSkipResNet model configuration."""
 
-from transformers import PreTrainedConfig
-
 from .library_versions import require_versions, tested_ranges
-from .skip_options import ConfigFieldError, ResNetSkipOptions, check_number, with_skip_docs
 
-# Before the classes below: with older libraries they would fail deep inside them (the model code needs timm).
+# First: with older libraries the imports and classes below would fail deep inside them (the model code needs timm).
 require_versions("transformers", "timm")
+
+from transformers import PreTrainedConfig  # noqa: E402
+
+from .skip_options import ConfigFieldError, ResNetSkipOptions, check_number, with_skip_docs  # noqa: E402
 
 # The timm models of `timm_resnets`: CIFAR pre-activation ResNets, and timm's ImageNet ResNets with the skip options.
 CIFAR_BACKBONES = ("preact_resnet20", "preact_resnet56", "preact_resnet110", "preact_resnet164")
