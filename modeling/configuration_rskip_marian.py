@@ -2,11 +2,23 @@
 
 import copy
 
-from huggingface_hub.errors import StrictDataclassFieldValidationError
-from transformers import MarianConfig
+from .library_versions import require_versions, tested_ranges
 
-from .pipeline_translation import TranslationPipeline
-from .skip_options import ConfigFieldError, SkipOptions, check_number, holds_numbers, plain_int, with_skip_docs
+# First: with older transformers the imports and classes below would fail deep inside it.
+require_versions("transformers")
+
+from huggingface_hub.errors import StrictDataclassFieldValidationError  # noqa: E402
+from transformers import MarianConfig  # noqa: E402
+
+from .pipeline_translation import TranslationPipeline  # noqa: E402
+from .skip_options import (  # noqa: E402
+    ConfigFieldError,
+    SkipOptions,
+    check_number,
+    holds_numbers,
+    plain_int,
+    with_skip_docs,
+)
 
 # Saved with every config so that `pipeline("translation", model=folder, trust_remote_code=True)` works:
 # transformers 5 has no translation pipeline of its own.
@@ -105,6 +117,10 @@ class RSkipMarianConfig(MarianConfig, SkipOptions.config_fields()):
     def skip_options(self) -> SkipOptions:
         """The validated `skip_*` fields."""
         return SkipOptions.from_object(self)
+
+    def to_dict(self) -> dict:
+        # config.json tells the folder's users which library versions its code is tested with.
+        return {**super().to_dict(), "rskip_compatibility": tested_ranges("transformers")}
 
 
 __all__ = ["RSkipMarianConfig"]

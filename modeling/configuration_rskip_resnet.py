@@ -1,8 +1,13 @@
 """RSkipResNet model configuration."""
 
-from transformers import PreTrainedConfig
+from .library_versions import require_versions, tested_ranges
 
-from .skip_options import (
+# First: with older libraries the imports and classes below would fail deep inside them (the model code needs timm).
+require_versions("transformers", "timm")
+
+from transformers import PreTrainedConfig  # noqa: E402
+
+from .skip_options import (  # noqa: E402
     ConfigFieldError,
     ResNetSkipOptions,
     check_number,
@@ -85,6 +90,10 @@ class RSkipResNetConfig(PreTrainedConfig, ResNetSkipOptions.config_fields()):
     def skip_options(self) -> ResNetSkipOptions:
         """The validated `skip_*` fields."""
         return ResNetSkipOptions.from_object(self)
+
+    def to_dict(self) -> dict:
+        # config.json tells the folder's users which library versions its code is tested with.
+        return {**super().to_dict(), "rskip_compatibility": tested_ranges("transformers", "timm")}
 
 
 __all__ = ["RSkipResNetConfig"]

@@ -27,6 +27,13 @@ from .configuration_rskip_marian import RSkipMarianConfig
 from .residual import NormSkip, ScaledSkip, create_skip
 from .weights_files import WeightsFileCheckMixin
 
+# transformers < 5.10 copies into a saved folder's module cache only the files that the loaded file itself imports:
+# these are the rest of what this file needs (through the files above).
+from .fused_skip import skip_norm  # noqa: F401
+from .library_versions import require_versions  # noqa: F401
+from .pipeline_translation import TranslationPipeline  # noqa: F401
+from .skip_options import SkipOptions  # noqa: F401
+
 
 class SequenceBatchNorm(nn.BatchNorm1d):
     """BatchNorm over the feature axis of (batch, length, features) tensors.

@@ -6,6 +6,7 @@ needs only torch, timm and transformers), under `timm_model` as in transformers'
 skip(s, F(x)) for its shortcut s, e.g. rSkip+LN with K = 2: y = LN_2(s + LN_1(s + F(x))).
 """
 
+import inspect
 import math
 import os
 from collections.abc import Mapping
@@ -22,6 +23,15 @@ from .configuration_rskip_resnet import BACKBONES, RSkipResNetConfig
 from .timm_resnets import create_backbone, rskip_architecture
 from .weights_files import WeightsFileCheckMixin
 
+# transformers < 5.10 copies into a saved folder's module cache only the files that the loaded file itself imports:
+# these are the rest of what this file needs (through the files above).
+from .fused_skip import skip_norm  # noqa: F401
+from .library_versions import require_versions  # noqa: F401
+from .residual import create_skip  # noqa: F401
+from .skip_options import ResNetSkipOptions  # noqa: F401
+
+# `PreTrainedModel._initialize_weights` (private) takes `is_custom_code` from transformers 5.13.
+_SKIPS_CUSTOM_CODE = "is_custom_code" in inspect.signature(PreTrainedModel._initialize_weights).parameters
 _RESAMPLING = {"bilinear": PILImageResampling.BILINEAR, "bicubic": PILImageResampling.BICUBIC}
 
 
@@ -58,9 +68,9 @@ class RSkipResNetPreTrainedModel(WeightsFileCheckMixin, PreTrainedModel):
             module.init_weights()  # convolutions, and zero-init of the branch's last norm where timm does it
 
     def _initialize_weights(self, module, is_custom_code: bool = False):
-        # transformers skips custom-code modules without parameters of their own, such as the timm model whose
+        # transformers >= 5.13 skips custom-code modules without parameters of their own, such as the timm model whose
         # `init_weights` covers the convolutions; `_init_weights` only uses guarded functions, so none is skipped.
-        super()._initialize_weights(module, is_custom_code=False)
+        super()._initialize_weights(module, **({"is_custom_code": False} if _SKIPS_CUSTOM_CODE else {}))
 
     def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs):
         self.timm_model.set_grad_checkpointing(enable)

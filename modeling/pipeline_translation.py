@@ -44,7 +44,11 @@ class TranslationPipeline(Pipeline):
         return self.tokenizer(text, truncation=truncation, max_length=max_length, return_tensors="pt")
 
     def _forward(self, model_inputs, **generate_kwargs):
-        generate_kwargs = self._prepare_generate_kwargs(generate_kwargs)
+        if hasattr(Pipeline, "_prepare_generate_kwargs"):  # transformers >= 5.20
+            generate_kwargs = self._prepare_generate_kwargs(generate_kwargs)
+        elif "generation_config" not in generate_kwargs:
+            # Older pipelines merge their generation parameters into `self.generation_config` when created.
+            generate_kwargs["generation_config"] = self.generation_config
         return {"output_ids": self.model.generate(**model_inputs, **generate_kwargs)}
 
     def postprocess(self, model_outputs, clean_up_tokenization_spaces=True):

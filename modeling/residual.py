@@ -27,7 +27,6 @@ from functools import cache
 
 import torch
 from torch import nn
-from torch.fx._symbolic_trace import is_fx_tracing
 
 from .fused_skip import fused_norm_dims, fused_skip_enabled, skip_norm
 from .skip_options import RECURSIVE_VARIANTS, SkipOptions
@@ -89,7 +88,7 @@ class NormSkip(ResidualSkip):
     def forward(self, x, h):
         if self.fused_norm_dims is None or not fused_skip_enabled():
             return self.reference_forward(x, h)
-        if not torch.is_grad_enabled() and not is_fx_tracing() and x.device.type == "cpu":
+        if not torch.is_grad_enabled() and not isinstance(x, torch.fx.Proxy) and x.device.type == "cpu":
             # Inference on CPU: the op would save nothing here and runs the same kernels; the loop skips its overhead.
             return self.reference_forward(x, h)
         norms = [self] * self.recursions if self.share_norm else [self, *self.recursion_norms]

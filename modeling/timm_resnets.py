@@ -19,17 +19,7 @@ from collections import OrderedDict
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import (
-    BatchNormAct2d,
-    ClassifierHead,
-    GroupNorm1,
-    LayerNorm2d,
-    calculate_drop_path_rates,
-    create_conv2d,
-    get_device_dtype,
-    get_norm_act_layer,
-    register_notrace_module,
-)
+from timm.layers import BatchNormAct2d, ClassifierHead, GroupNorm1, LayerNorm2d, create_conv2d, get_norm_act_layer
 from timm.models import (
     build_model_with_cfg,
     create_model,
@@ -39,7 +29,6 @@ from timm.models import (
     register_model,
 )
 from timm.models._features import feature_take_indices
-from timm.models._input import update_model_args
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from timm.models.resnetv2 import PreActBasic, PreActBottleneck, ResNetStage, ResNetV2
 from torch import nn
@@ -47,6 +36,41 @@ from torch import nn
 from .configuration_rskip_resnet import CIFAR_BACKBONES, IMAGENET_BACKBONES
 from .residual import ResidualSkip, create_skip
 from .skip_options import ResNetSkipOptions
+
+# What older timm lacks, so that saved folders load with every timm of the tested range (library_versions.py).
+try:  # timm >= 1.0.17
+    from timm.layers import register_notrace_module
+except ImportError:
+    from timm.models._features_fx import register_notrace_module
+
+try:  # timm >= 1.0.21
+    from timm.layers import calculate_drop_path_rates
+except ImportError:
+    def calculate_drop_path_rates(drop_path_rate: float, depths, stagewise: bool) -> list[list[float]]:
+        """timm's rates for stagewise depths: a linear rise over all blocks, split into stages."""
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu")  # also under a meta-device context
+        return [stage.tolist() for stage in rates.split(list(depths))]
+
+try:  # timm >= 1.0.29
+    from timm.layers import get_device_dtype
+except ImportError:
+    def get_device_dtype(module: nn.Module) -> dict:
+        """The device and dtype of the module's first parameter, as timm's factory keyword arguments."""
+        parameter = next(module.parameters(), None)
+        return {} if parameter is None else {"device": parameter.device, "dtype": parameter.dtype}
+
+try:  # timm >= 1.0.31 records the arguments that rebuild a model (`timm.models.get_model_args`); a private module
+    from timm.models._input import update_model_args
+except ImportError:
+    def update_model_args(model: nn.Module, **model_args) -> None:
+        """Where timm 1.0.31 keeps them; older timm neither reads nor writes model arguments."""
+        model._model_args = dict(getattr(model, "_model_args", {}), **model_args)
+
+
+def factory_kwargs(device, dtype) -> dict:
+    """`device`/`dtype` for timm's layers, only when set: timm < 1.0.21 layers take neither."""
+    return {key: value for key, value in (("device", device), ("dtype", dtype)) if value is not None}
+
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -221,7 +245,7 @@ class CifarPreActResNet(ResNetV2):
     ):
         # ResNetV2.__init__ builds an ImageNet stem; set up the attributes its methods use instead.
         nn.Module.__init__(self)
-        dd = {"device": device, "dtype": dtype}
+        dd = factory_kwargs(device, dtype)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
@@ -259,7 +283,7 @@ class CifarPreActResNet(ResNetV2):
         self.head = ClassifierHead(
             self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, use_conv=True, **dd,
         )
-        self.head_hidden_size = self.head.num_features
+        self.head_hidden_size = self.num_features  # the head has no hidden layer
 
         self.init_weights()
 
@@ -268,10 +292,30 @@ class CifarPreActResNet(ResNetV2):
         """ResNetV2's initialisation; He et al. do not zero-initialise the last layer of the branch."""
         super().init_weights(zero_init_last=zero_init_last)
 
+    def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """`ResNetV2.forward_intermediates` for this net's four feature levels (the stem's output, then each stage's);
+        written out because timm < 1.0.31 takes the stem's output where the resolution halves, which this stem keeps."""
+        assert output_fmt in ("NCHW",), "Output shape must be NCHW."
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        intermediates = []
+        x = self.stem(x)
+        if 0 in take_indices:
+            intermediates.append(x)
+        last_idx = len(self.stages)
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index]
+        feat_idx = 0
+        for feat_idx, stage in enumerate(stages, start=1):
+            x = stage(x)
+            if feat_idx in take_indices:
+                intermediates.append(self.norm(x) if norm and feat_idx == last_idx else x)
+        if intermediates_only:
+            return intermediates
+        if feat_idx == last_idx:
+            x = self.norm(x)
+        return x, intermediates
+
     # ResNetV2 counts five feature levels (stem and four stages), this net has four.
-    def forward_intermediates(self, x: torch.Tensor, indices=None, **kwargs):
-        take_indices, _ = feature_take_indices(len(self.feature_info), indices)
-        return super().forward_intermediates(x, take_indices, **kwargs)
 
     def prune_intermediate_layers(self, indices=1, **kwargs):
         take_indices, _ = feature_take_indices(len(self.feature_info), indices)

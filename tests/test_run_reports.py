@@ -7,6 +7,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from rskip.commands import compare_runs, model_card, train_image_classification, train_translation
+from rskip.library_versions import TESTED_VERSIONS
 from rskip.training import reporting
 from rskip.training.cli import run_main
 from rskip.training.model_card import write_model_card
@@ -50,6 +51,10 @@ def test_a_translation_run_writes_its_card(translation_runs):
     assert 'pipeline("translation", model="m30k-rskip_ln", trust_remote_code=True)' in card.text
     assert results["validation"]["bleu_signature"] in card.text
     assert results["hardware"] in card.text and "CPU cores" in results["hardware"]
+    oldest, newest = TESTED_VERSIONS["transformers"]
+    assert json.loads((folder / "config.json").read_text())["rskip_compatibility"] == {
+        "transformers": f">={oldest},<={newest}"}
+    assert f"Tested with transformers >={oldest}, <={newest} (`rskip_compatibility` in `config.json`)" in card.text
 
 
 def test_a_card_compares_against_a_baseline_run(translation_runs):
@@ -76,6 +81,10 @@ def test_an_image_run_writes_its_card(tmp_path, cifar_parquet):  # noqa: F811
     assert (result.metric_type, result.metric_value) == ("accuracy", results["validation"]["top1"])
     assert "with λ = 2.0" in card.text and "LN(λ·x + F(x))" in card.text
     assert "`preact_resnet20` image classifier" in card.text and "10 classes" in card.text
+    ranges = {library: ">={},<={}".format(*TESTED_VERSIONS[library]) for library in ("transformers", "timm")}
+    assert json.loads((output_dir / "config.json").read_text())["rskip_compatibility"] == ranges
+    assert (f"Tested with transformers {ranges['transformers'].replace(',', ', ')} and timm "
+            f"{ranges['timm'].replace(',', ', ')} (`rskip_compatibility` in `config.json`)") in card.text
     assert f"\n{results['command']}\n" in card.text
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..library_versions import tested_ranges
 from ..skip_options import ResNetSkipOptions, SkipOptions
 
 # Package data, so that an installed wheel has them as well as a clone.
@@ -86,6 +87,12 @@ def comparison_of(results: dict, base_results: dict, rows: list[dict], **extra) 
             "same_skip": results["skip"] == base_results["skip"], **extra}
 
 
+def tested_versions(config: dict, libraries: tuple[str, ...]) -> str:
+    """The library versions the folder's code is tested with, as its config.json records them, in words."""
+    ranges = config.get("rskip_compatibility") or tested_ranges(*libraries)  # folders saved before the record
+    return " and ".join(f"{library} {ranges[library].replace(',', ', ')}" for library in libraries)
+
+
 def describe_variant(skip: dict) -> tuple[str, str]:
     """The run's skip connection in words, and its equation (`SkipOptions.describe`)."""
     return skip_options_of({"skip": skip}).describe()
@@ -144,6 +151,7 @@ def translation_card(results: dict, config: dict, repo_id: str, baseline: tuple[
         bleu_signature=validation["bleu_signature"], chrf_signature=validation["chrf_signature"],
         example_source="A man is riding a bicycle." if source_lang == "en" else "…",
         comparison=comparison, variant_name=variant_name, equation=equation,
+        tested_versions=tested_versions(config, ("transformers",)),
     )
 
 
@@ -174,6 +182,7 @@ def image_classification_card(results: dict, config: dict, repo_id: str, baselin
                           f"{args['lr_scheduler_type']} schedule, batches of {args['per_device_train_batch_size']}."),
         training_data=training_data, evaluation=[{"split": "validation", **validation}],
         comparison=comparison, variant_name=variant_name, equation=equation,
+        tested_versions=tested_versions(config, ("transformers", "timm")),
     )
 
 
