@@ -278,11 +278,17 @@ def _setup_context(ctx, inputs, output):
     x, h, weight, bias, scale, fixed_scale, eps, norm_dims, needs_grad = inputs
     _, z1, mean, rstd = output
     ctx.save_for_backward(x, z1, weight, bias, scale, mean, rstd)
+    # z_1 and the statistics are for the backward only: without this, autograd fills a zero gradient for each of them
+    # (a full-size memset per call)
+    ctx.mark_non_differentiable(z1, mean, rstd)
+    ctx.set_materialize_grads(False)
     ctx.fixed_scale, ctx.eps, ctx.norm_dims = fixed_scale, eps, norm_dims
     ctx.h_dtype = h.dtype
 
 
 def _backward(ctx, dy, _z1, _mean, _rstd):
+    if dy is None:  # y_K took no part in the loss
+        return (None,) * 9
     x, z1, weight, bias, scale, mean, rstd = ctx.saved_tensors
     grad_h, dz_sum, grad_weight, grad_bias = _skip_norm_backward_op(
         dy, x, z1, weight, bias, scale, ctx.fixed_scale, mean, rstd, ctx.eps, ctx.norm_dims)

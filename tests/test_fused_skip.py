@@ -4,11 +4,14 @@ Reference: `NormSkip.reference_forward`, the K norm modules applied in turn (its
 equations in test_residual.py). The Triton kernels run on CPU under TRITON_INTERPRET=1, in a fresh process.
 """
 
+import collections
+
 import pytest
 import timm
 import torch
 from timm.layers import GroupNorm1, LayerNorm2d
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import rskip
 from rskip import SkipOptions, create_skip, use_fused_skip
@@ -366,3 +369,29 @@ def test_cpu_inference_without_gradients_runs_the_loop_and_training_the_op(monke
     assert calls == []
     skip(x, h)
     assert len(calls) == 1
+
+
+def dispatched_ops(fn) -> collections.Counter:
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            counts[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = collections.Counter()
+    with Count():
+        fn()
+    return counts
+
+
+def test_the_ops_a_step_runs_on_the_pytorch_path():
+    """K = 1 dispatches exactly what LN(x + h) does; K = 2 no zero gradients for the op's backward-only outputs
+    (autograd would otherwise memset a z_1-sized tensor per call)."""
+    x, h = inputs("token")
+    one = make_skip("token", dict(skip_variant="rskip_ln", skip_recursions=1))
+    stock = nn.LayerNorm(8)
+    assert (dispatched_ops(lambda: torch.autograd.grad(one(x, h).sum(), [x, h, one.weight, one.bias]))
+            == dispatched_ops(lambda: torch.autograd.grad(stock(x + h).sum(), [x, h, stock.weight, stock.bias])))
+    two = make_skip("token", dict(skip_variant="rskip_ln", skip_recursions=2))
+    ops = dispatched_ops(lambda: torch.autograd.grad(two(x, h).sum(), [x, h, *two.parameters()]))
+    assert ops["skip_norm"] == ops["skip_norm_backward"] == 1
+    assert not {"zeros", "zero_", "fill_", "zeros_like"} & set(ops)

@@ -183,7 +183,8 @@ def marian_models(args):
         return rskip.RSkipMarianMTModel(rskip.RSkipMarianConfig(**shape, **options))
 
     for name, model, fused, compiled in variant_rows(
-            "MarianMTModel (stock)", MarianMTModel(MarianConfig(**shape)), "RSkipMarian", build, MARIAN_VARIANTS, args):
+            "MarianMTModel (stock)", MarianMTModel(MarianConfig(**shape)), "RSkipMarian", build,
+            selected_variants(MARIAN_VARIANTS, args), args):
         # generate() goes around a compiled module's forward: compiled rows report training only
         yield name, model, make_loss, None if compiled else (lambda runner, m=model: translate(m)), fused, compiled
 
@@ -208,7 +209,8 @@ def resnet_models(args):
         variants = RESNET_VARIANTS
     model_name = args.image_model if args.image_model.startswith("preact_") else f"rskip_{args.image_model}"
     for name, model, fused, compiled in variant_rows(
-            stock_name, stock, model_name, lambda options: timm.create_model(model_name, **options), variants, args):
+            stock_name, stock, model_name, lambda options: timm.create_model(model_name, **options),
+            selected_variants(variants, args), args):
         yield name, model, make_loss, forward, fused, compiled
 
 
@@ -327,6 +329,11 @@ def write_op_results(args, rows: list[dict]) -> list[dict]:
     return rows
 
 
+def selected_variants(variants: list[dict], args) -> list[dict]:
+    """The rows of the skip variants named by --variants (all without it)."""
+    return [options for options in variants if not args.variants or options["skip_variant"] in args.variants]
+
+
 def add_op_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("the op alone")
     group.add_argument("--op", choices=("auto", "on", "off", "only"), default="auto",
@@ -335,6 +342,8 @@ def add_op_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--op_features", type=int, nargs="+", default=[512, 1024, 4096])
     group.add_argument("--op_recursions", type=int, nargs="+", default=[1, 2, 3])
     group.add_argument("--channels_last", action="store_true", help="image models and inputs in channels-last memory")
+    parser.add_argument("--variants", nargs="+", choices=rskip.SKIP_VARIANTS, metavar="VARIANT",
+                        help="time only these skip variants beside the stock model (default: all)")
 
 
 def main(argv=None):
