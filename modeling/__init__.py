@@ -18,7 +18,7 @@ from .configuration_rskip_resnet import RSkipResNetConfig
 from .modeling_rskip_marian import RSkipMarianModel, RSkipMarianMTModel, RSkipMarianPreTrainedModel
 from .modeling_rskip_resnet import RSkipResNetForImageClassification, RSkipResNetModel, RSkipResNetPreTrainedModel
 from .pipeline_translation import TranslationPipeline
-from .fused_skip import use_fused_skip
+from .fused_skip import use_fused_skip, use_triton
 from .residual import create_skip
 from .skip_options import SKIP_VARIANTS, ConfigFieldError, ResNetSkipOptions, SkipOptions
 from .timm_resnets import (
@@ -37,6 +37,7 @@ __all__ = [
     "ConfigFieldError",
     "create_skip",
     "use_fused_skip",
+    "use_triton",
     "CorruptWeightsFileError",
     # translation
     "RSkipMarianConfig",

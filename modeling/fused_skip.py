@@ -14,34 +14,46 @@ x̂_k = (z_k − mean_k)·rstd_k, ĝ = w_k·dy_k and means taken over a row:
 
 A "row" depends on ``norm_dims``: ``"token"`` is the last dimension (LayerNorm), ``"chw"`` one sample's (C, H, W)
 (GroupNorm with one group), ``"c"`` one position's C of an NCHW map (ConvNeXt's LayerNorm2d); the affine is per
-feature or per channel. On CUDA the op runs a Triton kernel, elsewhere (or without triton) PyTorch's native norm
-kernels. It is registered as ``torch.ops.rskip.skip_norm`` with a fake implementation, so ``torch.compile`` traces
-models that use it as one node.
+feature or per channel. By default the op runs PyTorch's native norm kernels on every device; ``use_triton(True)``
+(or ``RSKIP_TRITON=1``) runs Triton kernels (`fused_skip_triton`) for CUDA tensors instead. It is registered as
+``torch.ops.rskip.skip_norm`` with a fake implementation, so ``torch.compile`` traces models that use it as one node.
+Under CUDA autocast the op reads and writes the autocast dtype (bf16/fp16), with its statistics in fp32.
 """
 
 import contextlib
+import os
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-try:  # a saved model folder must load where triton is missing; the PyTorch path serves there
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+from . import fused_skip_triton as kernels
 
 NORM_DIMS = ("token", "chw", "c")
+TRITON_ENV = "RSKIP_TRITON"
+# Devices where PyTorch's autocast runs LayerNorm in float32: there the op casts x and h to the autocast dtype
+# instead, reading and writing bf16/fp16 and keeping only its statistics in fp32.
+_AUTOCAST_CASTS_TO_LOW_PRECISION = ("cuda",)
 _fused_enabled = True
 
 
+def _triton_from_environment() -> bool:
+    value = os.environ.get(TRITON_ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{TRITON_ENV}={value!r} is not allowed; set it to 1 (Triton kernels on CUDA) or 0 (default)")
+    return value == "1"
+
+
+# The Triton kernels are opt-in until tests/test_fused_skip_cuda.py has passed on a GPU (README, "The fused op").
+_triton_selected = _triton_from_environment()
+
+
 @contextlib.contextmanager
-def _restore(previous: bool):
-    global _fused_enabled
+def _restore(name: str, previous: bool):
     try:
         yield
     finally:
-        _fused_enabled = previous
+        globals()[name] = previous
 
 
 def use_fused_skip(enabled: bool = True):
@@ -52,11 +64,27 @@ def use_fused_skip(enabled: bool = True):
     """
     global _fused_enabled
     previous, _fused_enabled = _fused_enabled, bool(enabled)
-    return _restore(previous)
+    return _restore("_fused_enabled", previous)
 
 
 def fused_skip_enabled() -> bool:
     return _fused_enabled
+
+
+def use_triton(enabled: bool = True):
+    """Run the op's Triton kernels for CUDA tensors (off by default: CUDA tensors take the PyTorch path).
+
+    The environment variable ``RSKIP_TRITON=1`` sets the same at import. Takes effect at once; used as a context
+    manager it restores the previous setting on exit. Without triton installed the PyTorch path serves regardless.
+    """
+    global _triton_selected
+    previous, _triton_selected = _triton_selected, bool(enabled)
+    return _restore("_triton_selected", previous)
+
+
+def triton_enabled() -> bool:
+    """Whether CUDA tensors run the Triton kernels (selected and importable)."""
+    return _triton_selected and kernels.triton is not None
 
 
 def fused_norm_dims(norm: nn.Module) -> Optional[str]:
@@ -153,146 +181,18 @@ def _backward_torch(dy, x, z1, weight, bias, scale, fixed_scale, mean, rstd, eps
     return _from_rows_view(dy, norm_dims), dz_sum, grad_weight, grad_bias
 
 
-# Triton path (CUDA) --------------------------------------------------------------------------------------------------
-
-if triton is not None:
-
-    @triton.jit
-    def _pick(values, index, KP: tl.constexpr):
-        return tl.sum(tl.where(tl.arange(0, KP) == index, values, 0.0), axis=0)
-
-    @triton.jit
-    def _put(values, index, value, KP: tl.constexpr):
-        return tl.where(tl.arange(0, KP) == index, value, values)
-
-    @triton.jit
-    def _skip_norm_fwd_kernel(
-        X, H, Y, Z1, W, B, MEAN, RSTD, SCALE, fixed_scale, eps,
-        rows, features, row_div, chan_div, channels,
-        x_sn, x_sp, x_sf, h_sn, h_sp, h_sf, y_sn, y_sp, y_sf,
-        K: tl.constexpr, KP: tl.constexpr, LEARNED: tl.constexpr, STORE_STATS: tl.constexpr, BLOCK: tl.constexpr,
-    ):
-        """One program per row: K statistics passes (each recomputing z_k from x, h and the earlier statistics),
-        then one pass that writes y_K (and z_1 when the backward needs it). Statistics in fp32."""
-        row = tl.program_id(0)
-        n, p = row // row_div, row % row_div
-        lam = tl.load(SCALE).to(tl.float32) if LEARNED else fixed_scale
-        means = tl.zeros([KP], dtype=tl.float32)
-        rstds = tl.zeros([KP], dtype=tl.float32)
-        for k in tl.static_range(K + 1):
-            total = tl.zeros([BLOCK], dtype=tl.float32)
-            squares = tl.zeros([BLOCK], dtype=tl.float32)
-            for start in range(0, features, BLOCK):
-                f = start + tl.arange(0, BLOCK)
-                mask = f < features
-                c = f // chan_div
-                x = tl.load(X + n * x_sn + p * x_sp + f * x_sf, mask=mask, other=0.0).to(tl.float32)
-                z = lam * x + tl.load(H + n * h_sn + p * h_sp + f * h_sf, mask=mask, other=0.0).to(tl.float32)
-                if k == K and STORE_STATS:
-                    tl.store(Z1 + n * y_sn + p * y_sp + f * y_sf, z.to(Z1.dtype.element_ty), mask=mask)
-                for j in tl.static_range(K):
-                    if j < k:
-                        w = tl.load(W + j * channels + c, mask=mask, other=0.0).to(tl.float32)
-                        b = tl.load(B + j * channels + c, mask=mask, other=0.0).to(tl.float32)
-                        z = (z - _pick(means, j, KP)) * _pick(rstds, j, KP) * w + b
-                        if j < K - 1:
-                            z = lam * x + z
-                if k == K:
-                    tl.store(Y + n * y_sn + p * y_sp + f * y_sf, z.to(Y.dtype.element_ty), mask=mask)
-                else:
-                    total += tl.where(mask, z, 0.0)
-                    squares += tl.where(mask, z * z, 0.0)
-            if k < K:
-                mean_k = tl.sum(total, axis=0) / features
-                var = tl.maximum(tl.sum(squares, axis=0) / features - mean_k * mean_k, 0.0)
-                rstd_k = 1.0 / tl.sqrt(var + eps)
-                means = _put(means, k, mean_k, KP)
-                rstds = _put(rstds, k, rstd_k, KP)
-                if STORE_STATS:
-                    tl.store(MEAN + k * rows + row, mean_k)
-                    tl.store(RSTD + k * rows + row, rstd_k)
-
-    @triton.jit
-    def _skip_norm_bwd_kernel(
-        DY, X, Z1, DH, DZ_SUM, W, B, MEAN, RSTD, DW, DB, SCALE, fixed_scale,
-        rows, features, row_div, chan_div, channels,
-        x_sn, x_sp, x_sf, z_sn, z_sp, z_sf,
-        K: tl.constexpr, KP: tl.constexpr, LEARNED: tl.constexpr, BLOCK: tl.constexpr,
-    ):
-        """One program per row. Pass t (t = K..1) reduces mean(ĝ_t) and mean(ĝ_t·x̂_t), walking the gradient down
-        from y_K with the reductions of the earlier passes; a last pass writes dh = dz_1 and Σ_k dz_k (K > 1) and
-        adds dw, db atomically. dy, z_1, dh and Σ dz share one layout, x has its own."""
-        row = tl.program_id(0)
-        n, p = row // row_div, row % row_div
-        lam = tl.load(SCALE).to(tl.float32) if LEARNED else fixed_scale
-        c1s = tl.zeros([KP], dtype=tl.float32)
-        c2s = tl.zeros([KP], dtype=tl.float32)
-        for step in tl.static_range(K + 1):
-            target = K - 1 - step  # the step whose reductions this pass finds; -1: the writing pass
-            sum1 = tl.zeros([BLOCK], dtype=tl.float32)
-            sum2 = tl.zeros([BLOCK], dtype=tl.float32)
-            for start in range(0, features, BLOCK):
-                f = start + tl.arange(0, BLOCK)
-                mask = f < features
-                c = f // chan_div
-                x = tl.load(X + n * x_sn + p * x_sp + f * x_sf, mask=mask, other=0.0).to(tl.float32)
-                z1 = tl.load(Z1 + n * z_sn + p * z_sp + f * z_sf, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + n * z_sn + p * z_sp + f * z_sf, mask=mask, other=0.0).to(tl.float32)
-                dz_sum = tl.zeros([BLOCK], dtype=tl.float32)
-                for kk in tl.static_range(K):
-                    k = K - 1 - kk
-                    if k >= target:
-                        # x̂_k from z_1 through the forward chain (K is small: the quadratic recompute is cheap)
-                        z = z1
-                        for j in tl.static_range(K):
-                            if j < k:
-                                wj = tl.load(W + j * channels + c, mask=mask, other=0.0).to(tl.float32)
-                                bj = tl.load(B + j * channels + c, mask=mask, other=0.0).to(tl.float32)
-                                z = lam * x + (z - tl.load(MEAN + j * rows + row)) * tl.load(RSTD + j * rows + row) * wj + bj
-                        rstd_k = tl.load(RSTD + k * rows + row)
-                        xhat = (z - tl.load(MEAN + k * rows + row)) * rstd_k
-                        g = tl.load(W + k * channels + c, mask=mask, other=0.0).to(tl.float32) * dy
-                        if k == target:
-                            sum1 += tl.where(mask, g, 0.0)
-                            sum2 += tl.where(mask, g * xhat, 0.0)
-                        else:
-                            if target < 0:
-                                tl.atomic_add(DW + k * channels + c, dy * xhat, mask=mask)
-                                tl.atomic_add(DB + k * channels + c, dy, mask=mask)
-                            dy = rstd_k * (g - _pick(c1s, k, KP) - xhat * _pick(c2s, k, KP))
-                            dz_sum += dy
-                if target < 0:
-                    tl.store(DH + n * z_sn + p * z_sp + f * z_sf, dy.to(DH.dtype.element_ty), mask=mask)
-                    if K > 1:
-                        tl.store(DZ_SUM + n * z_sn + p * z_sp + f * z_sf, dz_sum.to(DZ_SUM.dtype.element_ty),
-                                 mask=mask)
-            if target >= 0:
-                c1s = _put(c1s, target, tl.sum(sum1, axis=0) / features, KP)
-                c2s = _put(c2s, target, tl.sum(sum2, axis=0) / features, KP)
+# Triton path (opt-in on CUDA) ----------------------------------------------------------------------------------------
 
 
-def _layout(t: Tensor, norm_dims: str) -> tuple[Tensor, tuple[int, int, int]]:
-    """``t`` (made dense where needed) and its (sample, position, feature) strides for the kernels."""
-    if norm_dims == "c":
-        s = t.stride()
-        if s[2] != t.shape[3] * s[3] or not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
-            t = t.contiguous()
-            s = t.stride()
-        return t, (s[0], s[3], s[1])
-    t = t.contiguous()
-    return t, (t[0].numel() if norm_dims == "chw" else t.shape[-1], 0, 1)
-
-
-def _geometry(x: Tensor, norm_dims: str):
-    """(rows, features per row, row_div, chan_div, channels): row r is sample r // row_div at position
-    r % row_div, and feature f has channel f // chan_div."""
+def _row_geometry(x: Tensor, norm_dims: str) -> tuple[int, int, int]:
+    """(rows, features per row, row_div): row r is sample r // row_div at position r % row_div."""
     if norm_dims == "token":
-        return x.numel() // x.shape[-1], x.shape[-1], 1, 1, x.shape[-1]
+        return x.numel() // x.shape[-1], x.shape[-1], 1
     n, c = x.shape[:2]
     hw = x[0, 0].numel()
     if norm_dims == "chw":
-        return n, c * hw, 1, hw, c
-    return n * hw, c, hw, 1, c
+        return n, c * hw, 1
+    return n * hw, c, hw
 
 
 def _row_layout_empty(x: Tensor, norm_dims: str, dtype) -> Tensor:
@@ -302,49 +202,26 @@ def _row_layout_empty(x: Tensor, norm_dims: str, dtype) -> Tensor:
     return x.new_empty(x.shape, dtype=dtype)
 
 
-def _block(features: int) -> int:
-    return min(triton.next_power_of_2(features), 4096)
-
-
 def _forward_triton(x, h, weight, bias, scale, fixed_scale, eps, norm_dims, needs_grad):
-    rows, features, row_div, chan_div, channels = _geometry(x, norm_dims)
-    x, xs = _layout(x, norm_dims)
-    h, hs = _layout(h, norm_dims)
     dtype = torch.result_type(x, h)
     y = _row_layout_empty(x, norm_dims, dtype)
-    _, ys = _layout(y, norm_dims)
-    K = weight.shape[0]
-    z1 = _row_layout_empty(x, norm_dims, dtype) if needs_grad else y
-    mean = x.new_empty((K, rows), dtype=torch.float32)
-    rstd = torch.empty_like(mean)
-    _skip_norm_fwd_kernel[(rows,)](
-        x, h, y, z1, weight.contiguous(), bias.contiguous(), mean, rstd, scale if scale is not None else mean,
-        fixed_scale, eps, rows, features, row_div, chan_div, channels, *xs, *hs, *ys,
-        K=K, KP=triton.next_power_of_2(K), LEARNED=scale is not None, STORE_STATS=needs_grad,
-        BLOCK=_block(features),
-    )
+    z1 = _row_layout_empty(x, norm_dims, dtype) if needs_grad else y  # not written without needs_grad
+    mean, rstd = kernels.forward(x, h, weight, bias, scale, fixed_scale, eps, norm_dims, needs_grad, y, z1,
+                                 _row_geometry(x, norm_dims))
     if not needs_grad:
         return y, x.new_empty(0, dtype=dtype), mean.new_empty(0), rstd.new_empty(0)
-    return y, _rows_view(z1, norm_dims).contiguous(), mean, rstd
+    return y, _rows_view(z1, norm_dims), mean, rstd
 
 
 def _backward_triton(dy, x, z1, weight, bias, scale, fixed_scale, mean, rstd, eps, norm_dims):
-    rows, features, row_div, chan_div, channels = _geometry(x, norm_dims)
-    x, xs = _layout(x, norm_dims)
-    z1 = z1.permute(0, 3, 1, 2) if norm_dims == "c" else z1
-    _, zs = _layout(z1, norm_dims)
+    z1 = z1.permute(0, 3, 1, 2) if norm_dims == "c" else z1  # z_1 is kept as the row view: back to NCHW
     # dy in z_1's layout, so that one set of strides serves dy, z_1, dh and Σ dz
     dy = dy if dy.stride() == z1.stride() else torch.empty_like(z1, dtype=dy.dtype).copy_(dy)
-    K = weight.shape[0]
     grad_h = torch.empty_like(z1)
-    dz_sum = torch.empty_like(z1) if K > 1 else z1.new_empty(0)
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
-    grad_bias = torch.zeros_like(grad_weight)
-    _skip_norm_bwd_kernel[(rows,)](
-        dy, x, z1, grad_h, dz_sum, weight.contiguous(), bias.contiguous(), mean, rstd, grad_weight, grad_bias,
-        scale if scale is not None else mean, fixed_scale, rows, features, row_div, chan_div, channels, *xs, *zs,
-        K=K, KP=triton.next_power_of_2(K), LEARNED=scale is not None, BLOCK=_block(features),
-    )
+    dz_sum = torch.empty_like(z1) if weight.shape[0] > 1 else z1.new_empty(0)
+    grad_weight, grad_bias = kernels.backward(
+        dy, x, z1, weight, bias, scale, fixed_scale, mean, rstd, norm_dims, grad_h,
+        dz_sum if weight.shape[0] > 1 else grad_h, _row_geometry(x, norm_dims))
     return grad_h, dz_sum, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
 
 
@@ -352,8 +229,8 @@ def _backward_triton(dy, x, z1, weight, bias, scale, fixed_scale, mean, rstd, ep
 _interpret_triton = False
 
 
-def _use_triton(x: Tensor) -> bool:
-    return triton is not None and (x.is_cuda or _interpret_triton)
+def _use_triton(x: Tensor, h: Tensor, weight: Tensor, norm_dims: str) -> bool:
+    return ((x.is_cuda and _triton_selected) or _interpret_triton) and kernels.supports(x, h, weight, norm_dims)
 
 
 # The op --------------------------------------------------------------------------------------------------------------
@@ -365,7 +242,7 @@ def _skip_norm_op(
     norm_dims: str, needs_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y_K, z_1, mean, rstd); z_1 and the (K, rows) fp32 statistics are empty when ``needs_grad`` is False."""
-    forward = _forward_triton if _use_triton(x) else _forward_torch
+    forward = _forward_triton if _use_triton(x, h, weight, norm_dims) else _forward_torch
     return forward(x, h, weight, bias, scale, fixed_scale, eps, norm_dims, needs_grad)
 
 
@@ -376,7 +253,7 @@ def _(x, h, weight, bias, scale, fixed_scale, eps, norm_dims, needs_grad):
     if not needs_grad:
         return y, x.new_empty(0, dtype=dtype), x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
     z1 = torch.empty_like(_rows_view(x, norm_dims), dtype=dtype, memory_format=torch.contiguous_format)
-    stats = x.new_empty((weight.shape[0], _geometry(x, norm_dims)[0]), dtype=torch.float32)
+    stats = x.new_empty((weight.shape[0], _row_geometry(x, norm_dims)[0]), dtype=torch.float32)
     return y, z1, stats, torch.empty_like(stats)
 
 
@@ -386,7 +263,7 @@ def _skip_norm_backward_op(
     mean: Tensor, rstd: Tensor, eps: float, norm_dims: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dh = dz_1, Σ_k dz_k (empty for K = 1, where it is dh), dw, db)."""
-    backward = _backward_triton if _use_triton(x) else _backward_torch
+    backward = _backward_triton if _use_triton(x, z1, weight, norm_dims) else _backward_torch
     return backward(dy, x, z1, weight, bias, scale, fixed_scale, mean, rstd, eps, norm_dims)
 
 
@@ -401,11 +278,17 @@ def _setup_context(ctx, inputs, output):
     x, h, weight, bias, scale, fixed_scale, eps, norm_dims, needs_grad = inputs
     _, z1, mean, rstd = output
     ctx.save_for_backward(x, z1, weight, bias, scale, mean, rstd)
+    # z_1 and the statistics are for the backward only: without this, autograd fills a zero gradient for each of them
+    # (a full-size memset per call)
+    ctx.mark_non_differentiable(z1, mean, rstd)
+    ctx.set_materialize_grads(False)
     ctx.fixed_scale, ctx.eps, ctx.norm_dims = fixed_scale, eps, norm_dims
     ctx.h_dtype = h.dtype
 
 
 def _backward(ctx, dy, _z1, _mean, _rstd):
+    if dy is None:  # y_K took no part in the loss
+        return (None,) * 9
     x, z1, weight, bias, scale, mean, rstd = ctx.saved_tensors
     grad_h, dz_sum, grad_weight, grad_bias = _skip_norm_backward_op(
         dy, x, z1, weight, bias, scale, ctx.fixed_scale, mean, rstd, ctx.eps, ctx.norm_dims)
@@ -422,8 +305,6 @@ def _backward(ctx, dy, _z1, _mean, _rstd):
 
 
 _skip_norm_op.register_autograd(_backward, setup_context=_setup_context)
-# Under CUDA autocast LayerNorm runs in float32, and so does the op (CPU autocast keeps LayerNorm's input dtype).
-torch.library.register_autocast("rskip::skip_norm", "cuda", torch.float32)
 
 
 def skip_norm(x: Tensor, h: Tensor, weight: Tensor, bias: Tensor, scale, eps: float, norm_dims: str) -> Tensor:
@@ -435,10 +316,15 @@ def skip_norm(x: Tensor, h: Tensor, weight: Tensor, bias: Tensor, scale, eps: fl
     if norm_dims not in NORM_DIMS:
         raise ValueError(f"norm_dims={norm_dims!r} is not known; allowed: {', '.join(NORM_DIMS)}")
     learned = isinstance(scale, Tensor)
+    device = x.device.type
+    if device in _AUTOCAST_CASTS_TO_LOW_PRECISION and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        x, h = x.to(dtype), h.to(dtype)
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, h, weight, bias, *([scale] if learned else [])))
     return _skip_norm_op(x, h, weight, bias, scale if learned else None, 1.0 if learned else float(scale), eps,
                          norm_dims, needs_grad)[0]
 
 
-__all__ = ["NORM_DIMS", "fused_norm_dims", "fused_skip_enabled", "skip_norm", "use_fused_skip"]
+__all__ = ["NORM_DIMS", "TRITON_ENV", "fused_norm_dims", "fused_skip_enabled", "skip_norm", "triton_enabled",
+           "use_fused_skip", "use_triton"]

@@ -28,7 +28,7 @@ from functools import cache
 import torch
 from torch import nn
 
-from .fused_skip import fused_norm_dims, fused_skip_enabled, skip_norm
+from .fused_skip import fused_norm_dims, fused_skip_enabled, skip_norm, triton_enabled
 from .skip_options import RECURSIVE_VARIANTS, SkipOptions
 
 # FX (timm's feature extraction) keeps the op one call: its Python wrapper branches on requires_grad.
@@ -90,6 +90,9 @@ class NormSkip(ResidualSkip):
             return self.reference_forward(x, h)
         if not torch.is_grad_enabled() and not isinstance(x, torch.fx.Proxy) and x.device.type == "cpu":
             # Inference on CPU: the op would save nothing here and runs the same kernels; the loop skips its overhead.
+            return self.reference_forward(x, h)
+        if self.recursions == 1 and not triton_enabled():
+            # One step is the norm of λ·x + h: the op would run the same kernels and keep the same tensor.
             return self.reference_forward(x, h)
         norms = [self] * self.recursions if self.share_norm else [self, *self.recursion_norms]
         weight = torch.stack([norm.weight for norm in norms])

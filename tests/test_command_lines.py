@@ -115,7 +115,8 @@ COMMANDS = [
         ("--threads", "1", "inf"), ("--min_run_time", "0.5", "inf"), ("--rounds", "3", "inf"),
         ("--batch_size", "8", "inf"), ("--d_model", "512", "inf"), ("--heads", "8", "inf"), ("--layers", "2", "inf"),
         ("--vocab_size", "100", "2"), ("--seq_len", "16", "inf"), ("--generate_batch_size", "4", "17"),
-        ("--image_size", "32", "7"))),
+        ("--image_size", "32", "7"), ("--op_rows", "64", "inf"), ("--op_features", "512", "inf"),
+        ("--op_recursions", "2", "5"))),
     Command("reproduce", reproduce.parse_args, [*MODULE, "rskip.commands.reproduce"], ["gradients"],
             numbers(("--seeds", "2", "inf"))),
     Command("demo", demo.parse_args, [sys.executable, str(REPO / "scripts" / "demo.py")], [], numbers(

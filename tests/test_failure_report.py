@@ -6,7 +6,7 @@ import json
 import pytest
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-from rskip.training.failure_report import report_failure
+from rskip.failure_report import report_failure
 
 
 def elastic_process(monkeypatch, attempt_folder, local_rank: int):

@@ -4,11 +4,14 @@ Reference: `NormSkip.reference_forward`, the K norm modules applied in turn (its
 equations in test_residual.py). The Triton kernels run on CPU under TRITON_INTERPRET=1, in a fresh process.
 """
 
+import collections
+
 import pytest
 import timm
 import torch
 from timm.layers import GroupNorm1, LayerNorm2d
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import rskip
 from rskip import SkipOptions, create_skip, use_fused_skip
@@ -87,6 +90,7 @@ def test_float64_gradcheck(norm_dims):
     scale = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *t: skip_norm(*t, 1e-5, norm_dims), (x, h, weight, bias, scale))
     assert torch.autograd.gradcheck(lambda *t: skip_norm(*t, 1.5, 1e-5, norm_dims), (x, h, weight, bias))
+    assert torch.autograd.gradcheck(lambda *t: skip_norm(*t, 1.0, 1e-5, norm_dims), (x, h, weight[:1], bias[:1]))
 
 
 def saved_storages(fn, *tensors) -> set:
@@ -108,12 +112,15 @@ def test_op_saves_x_and_one_tensor_whatever_k(norm_dims):
     """x (which the branch's first layer keeps anyway) and z_1 = λx + h; the eager loop keeps one z_k per step."""
     x, h = (torch.randn(4, 4, 8, 8) if norm_dims != "token" else torch.randn(4, 16, 8) for _ in range(2))
     x.requires_grad_()
-    for k in (1, 2, 3, 4):
+    for k in (2, 3, 4):
         skip = make_skip(norm_dims, dict(skip_variant="rskip_ln", skip_recursions=k))
         fused = saved_storages(skip, x, h)
         assert x.untyped_storage().data_ptr() in fused and len(fused) == 2
         with use_fused_skip(False):
             assert len(saved_storages(skip, x, h)) >= k
+    # K = 1 is one norm of x + h: the module runs it as the loop does, keeping only z_1
+    skip = make_skip(norm_dims, dict(skip_variant="rskip_ln", skip_recursions=1))
+    assert len(saved_storages(skip, x, h)) == 1
 
 
 def test_switch_selects_the_reference_path_and_restores_on_exit():
@@ -128,6 +135,55 @@ def test_switch_selects_the_reference_path_and_restores_on_exit():
         assert not rskip.fused_skip.fused_skip_enabled()
         assert type(skip(x, h).grad_fn).__name__ == "NativeLayerNormBackward0"
     assert rskip.fused_skip.fused_skip_enabled()
+
+
+def test_one_step_runs_the_norm_itself_unless_triton_is_selected(monkeypatch):
+    """K = 1 computes LN(λx + h), which the loop does with the same kernels and saved tensor; through the op it
+    would only add a stacked affine and a custom-op call (the K = 1 time cost over stock in the benchmark)."""
+    skip = make_skip("token", dict(skip_variant="rskip_ln", skip_recursions=1))
+    x, h = inputs("token")
+    assert type(skip(x, h).grad_fn).__name__ == "NativeLayerNormBackward0"
+    monkeypatch.setattr(rskip.fused_skip.kernels, "triton", object())  # importable or not, the choice is the switch
+    with rskip.use_triton(True):
+        assert type(skip(x, h).grad_fn).__name__ == "GeneratedBackwardFor_rskip_skip_norm_defaultBackward"
+
+
+def test_triton_is_opt_in_by_switch_or_environment(run_python, monkeypatch):
+    """The kernels stay off by default until a GPU run has proven them (README); the switch restores on exit."""
+    assert not rskip.fused_skip.triton_enabled()
+    monkeypatch.setattr(rskip.fused_skip.kernels, "triton", object())
+    with rskip.use_triton(True):
+        assert rskip.fused_skip.triton_enabled()
+        with rskip.use_triton(False):
+            assert not rskip.fused_skip.triton_enabled()
+        assert rskip.fused_skip.triton_enabled()
+    assert not rskip.fused_skip.triton_enabled()
+    script = "import rskip.fused_skip as fs; print('selected', fs._triton_selected)"
+    monkeypatch.setenv("RSKIP_TRITON", "1")
+    assert "selected True" in run_python(script).stdout
+    monkeypatch.setenv("RSKIP_TRITON", "0")
+    assert "selected False" in run_python(script).stdout
+    monkeypatch.setenv("RSKIP_TRITON", "yes")
+    with pytest.raises(AssertionError, match="RSKIP_TRITON='yes' is not allowed; set it to 1"):
+        run_python(script)
+
+
+def test_autocast_casts_to_the_autocast_dtype_not_float32(monkeypatch):
+    """Where autocast would run LayerNorm in fp32 (CUDA), the op takes x and h in the autocast dtype instead, so a
+    bf16 model moves bf16; shown on CPU by treating CPU autocast as CUDA's."""
+    monkeypatch.setattr(rskip.fused_skip, "_AUTOCAST_CASTS_TO_LOW_PRECISION", ("cpu",))
+    x = torch.randn(4, 8, requires_grad=True)  # an fp32 residual stream, as LayerNorm outputs under CUDA autocast
+    h = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
+    weight, bias = torch.randn(2, 8, requires_grad=True), torch.randn(2, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = skip_norm(x, h, weight, bias, 1.0, 1e-5, "token")
+    assert y.dtype == torch.bfloat16
+    y_ref = skip_norm(x.detach().bfloat16(), h.detach(), weight, bias, 1.0, 1e-5, "token")
+    assert torch.equal(y, y_ref)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and h.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+        assert skip_norm(x, h, weight, bias, 1.0, 1e-5, "token").dtype == torch.float32
 
 
 def test_batchnorm_and_unsupported_norms_stay_on_the_reference_path():
@@ -217,33 +273,72 @@ def test_op_compiles_with_inductor():
 TRITON_CHECK = r"""
 import torch
 import rskip.fused_skip as fs
+import rskip.fused_skip_triton as kernels
 
-fs._interpret_triton = True  # CPU tensors take the Triton path, run by the interpreter
-cases = [("token", (3, 5, 8)), ("token", (2, 40)), ("chw", (2, 4, 3, 3)), ("c", (2, 4, 3, 3))]
-for norm_dims, shape in cases:
-    for k, scale in ((1, 1.0), (2, "learned"), (3, 0.5)):
+# Tiny tiles, so that tiny tensors exercise what large ones do: several rows per tile, tiles shared out over a few
+# persistent programs, rows split over channel groups and over position tiles (with a partial last tile).
+kernels._TILE_ELEMENTS, kernels._SPLIT_POSITIONS, kernels.interpreter_programs = 16, 4, 3
+CASES = [("token", (3, 5, 8), False), ("token", (3, 20), True), ("chw", (2, 4, 3, 3), True), ("c", (2, 4, 3, 3), False)]
+
+
+def run(x, h, weight, bias, lam, norm_dims, grad_y, triton_path):
+    fs._interpret_triton = triton_path
+    leaves = [t for t in (x, h, weight, bias, lam) if isinstance(t, torch.Tensor)]
+    y = fs.skip_norm(x, h, weight, bias, lam, 1e-5, norm_dims)
+    return (y, *torch.autograd.grad(y, leaves, grad_y))
+
+
+for norm_dims, shape, split in CASES:
+    kernels.MAX_REGISTER_FEATURES = 16 if split else 8192  # token rows of 20 features take the split kernels
+    assert kernels.uses_registers(torch.empty(shape), norm_dims) != split
+    for k, scale in ((1, 1.0), (2, "learned"), (3, 0.5), (4, 1.0)):
         torch.manual_seed(k)
         channels = shape[-1] if norm_dims == "token" else shape[1]
         x, h = (torch.randn(shape, requires_grad=True) for _ in range(2))
         weight, bias = (torch.randn(k, channels, requires_grad=True) for _ in range(2))
         lam = torch.tensor(0.7, requires_grad=True) if scale == "learned" else scale
-        leaves = [x, h, weight, bias] + ([lam] if scale == "learned" else [])
         grad_y = torch.randn(shape)
-        results = []
-        for triton_path in (True, False):
-            fs._interpret_triton = triton_path
-            y = fs.skip_norm(x, h, weight, bias, lam, 1e-5, norm_dims)
-            results.append((y, *torch.autograd.grad(y, leaves, grad_y)))
-            with torch.no_grad():
-                torch.testing.assert_close(fs.skip_norm(x, h, weight, bias, lam, 1e-5, norm_dims), y)
-        for got, expected in zip(*results, strict=True):
-            torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
-        assert results[0][0].stride() == results[1][0].stride()
+        got = run(x, h, weight, bias, lam, norm_dims, grad_y, True)
+        expected = run(x, h, weight, bias, lam, norm_dims, grad_y, False)
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+        assert got[0].stride() == expected[0].stride()
+        fs._interpret_triton = True
+        with torch.no_grad():
+            torch.testing.assert_close(fs.skip_norm(x, h, weight, bias, lam, 1e-5, norm_dims), got[0])
+        if k == 2:  # deterministic: per-program partial sums reduced in a fixed order, no atomics
+            again = run(x, h, weight, bias, lam, norm_dims, grad_y, True)
+            assert all(torch.equal(a, b) for a, b in zip(got, again, strict=True))
+
+    # bf16 in, bf16 out (statistics in fp32): close to the fp32 computation of the same bf16 values
+    torch.manual_seed(0)
+    x, h = (torch.randn(shape, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    weight, bias = (torch.randn(2, channels, requires_grad=True) for _ in range(2))
+    grad_y = torch.randn(shape, dtype=torch.bfloat16)
+    got = run(x, h, weight, bias, 1.0, norm_dims, grad_y, True)
+    assert [t.dtype for t in got] == [torch.bfloat16] * 3 + [torch.float32] * 2
+    upcast = [t.detach().float().requires_grad_() for t in (x, h)]
+    expected = run(*upcast, weight, bias, 1.0, norm_dims, grad_y.float(), False)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a.float(), b, atol=0.05, rtol=0.02)
+
+    # rows whose mean (1e3) dwarfs their spread: E[z²] - E[z]² in fp32 would lose about half the digits of the variance
+    x64 = 1e3 + torch.randn(shape, dtype=torch.float64)
+    h64 = torch.randn(shape, dtype=torch.float64)
+    weight, bias = torch.ones(2, channels, dtype=torch.float64), torch.zeros(2, channels, dtype=torch.float64)
+    fs._interpret_triton = True
+    with torch.no_grad():
+        y = fs.skip_norm(x64.float(), h64.float(), weight.float(), bias.float(), 1.0, 1e-5, norm_dims)
+        fs._interpret_triton = False
+        y_ref = fs.skip_norm(x64, h64, weight, bias, 1.0, 1e-5, norm_dims)
+    torch.testing.assert_close(y.double(), y_ref, atol=2e-3, rtol=0)
 print("triton ok")
 """
 
 
 def test_triton_kernels_match_the_pytorch_path_under_the_interpreter(run_python, monkeypatch):
+    """Both kernel layouts, K = 1..4, fixed and learned λ: outputs and every gradient against the PyTorch path; two
+    backward calls give bitwise-equal gradients; bf16 stays bf16; rows with mean 1e3 against a float64 reference."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert "triton ok" in run_python(TRITON_CHECK).stdout
 
@@ -253,7 +348,7 @@ def test_op_runs_where_triton_is_missing(run_python):
     script = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch, rskip\n"
-        "assert rskip.fused_skip.triton is None\n"
+        "assert rskip.fused_skip.kernels.triton is None and not rskip.fused_skip.triton_enabled()\n"
         "skip = rskip.create_skip(rskip.SkipOptions(skip_variant='rskip_ln', skip_recursions=2), 8)\n"
         "x = torch.randn(3, 8, requires_grad=True)\n"
         "skip(x, torch.randn(3, 8)).sum().backward()\n"
@@ -274,3 +369,29 @@ def test_cpu_inference_without_gradients_runs_the_loop_and_training_the_op(monke
     assert calls == []
     skip(x, h)
     assert len(calls) == 1
+
+
+def dispatched_ops(fn) -> collections.Counter:
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            counts[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = collections.Counter()
+    with Count():
+        fn()
+    return counts
+
+
+def test_the_ops_a_step_runs_on_the_pytorch_path():
+    """K = 1 dispatches exactly what LN(x + h) does; K = 2 no zero gradients for the op's backward-only outputs
+    (autograd would otherwise memset a z_1-sized tensor per call)."""
+    x, h = inputs("token")
+    one = make_skip("token", dict(skip_variant="rskip_ln", skip_recursions=1))
+    stock = nn.LayerNorm(8)
+    assert (dispatched_ops(lambda: torch.autograd.grad(one(x, h).sum(), [x, h, one.weight, one.bias]))
+            == dispatched_ops(lambda: torch.autograd.grad(stock(x + h).sum(), [x, h, stock.weight, stock.bias])))
+    two = make_skip("token", dict(skip_variant="rskip_ln", skip_recursions=2))
+    ops = dispatched_ops(lambda: torch.autograd.grad(two(x, h).sum(), [x, h, *two.parameters()]))
+    assert ops["skip_norm"] == ops["skip_norm_backward"] == 1
+    assert not {"zeros", "zero_", "fill_", "zeros_like"} & set(ops)

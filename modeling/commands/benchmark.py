@@ -33,7 +33,7 @@ import torch.utils.benchmark as torch_benchmark  # noqa: E402
 from transformers import MarianConfig, MarianMTModel  # noqa: E402
 
 import rskip  # noqa: E402
-from rskip.training.cli import COUNT, POSITIVE, CommandParser, bounded, output_folder, run_main  # noqa: E402
+from rskip.command_line import COUNT, POSITIVE, CommandParser, bounded, output_folder  # noqa: E402
 
 MARIAN_VARIANTS = [
     dict(skip_variant="post_ln"),
@@ -100,6 +100,8 @@ def skip_path(fused: bool | None):
 def profile(name: str, model: torch.nn.Module, make_loss, infer, fused, compiled, args) -> tuple[dict, tuple]:
     """The model's parameter count and memory, and its training step and inference call for timing."""
     model.to(args.device).train()
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
     runner = torch.compile(model) if compiled else model
 
     def step():
@@ -182,7 +184,8 @@ def marian_models(args):
         return rskip.RSkipMarianMTModel(rskip.RSkipMarianConfig(**shape, **options))
 
     for name, model, fused, compiled in variant_rows(
-            "MarianMTModel (stock)", MarianMTModel(MarianConfig(**shape)), "RSkipMarian", build, MARIAN_VARIANTS, args):
+            "MarianMTModel (stock)", MarianMTModel(MarianConfig(**shape)), "RSkipMarian", build,
+            selected_variants(MARIAN_VARIANTS, args), args):
         # generate() goes around a compiled module's forward: compiled rows report training only
         yield name, model, make_loss, None if compiled else (lambda runner, m=model: translate(m)), fused, compiled
 
@@ -190,6 +193,8 @@ def marian_models(args):
 def resnet_models(args):
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size,
                          generator=torch.Generator().manual_seed(0)).to(args.device)
+    if args.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
 
     def make_loss(model):
         return model(images).logsumexp(-1).mean()
@@ -205,7 +210,8 @@ def resnet_models(args):
         variants = RESNET_VARIANTS
     model_name = args.image_model if args.image_model.startswith("preact_") else f"rskip_{args.image_model}"
     for name, model, fused, compiled in variant_rows(
-            stock_name, stock, model_name, lambda options: timm.create_model(model_name, **options), variants, args):
+            stock_name, stock, model_name, lambda options: timm.create_model(model_name, **options),
+            selected_variants(variants, args), args):
         yield name, model, make_loss, forward, fused, compiled
 
 
@@ -223,6 +229,122 @@ def plot(results, path: Path, title: str) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+# The op alone ---------------------------------------------------------------------------------------------------------
+
+
+def copy_bandwidth(args) -> float:
+    """The device's measured copy bandwidth in bytes/s (read + write), the ceiling of a memory-bound op."""
+    elements = (2**29 if args.device.startswith("cuda") else 2**24) // 2
+    source = torch.empty(elements, dtype=torch.bfloat16, device=args.device).normal_()
+    target = torch.empty_like(source)
+    timer = torch_benchmark.Timer(stmt="target.copy_(source)", globals={"target": target, "source": source},
+                                  num_threads=args.threads)
+    return 2 * source.nbytes / timer.blocked_autorange(min_run_time=args.min_run_time).median
+
+
+def eager_loop(x, h, weight, bias, eps=1e-5):
+    """The K add-and-LayerNorm steps as a model writes them, which `torch.compile` may fuse."""
+    y = h
+    for k in range(weight.shape[0]):
+        y = torch.nn.functional.layer_norm(x + y, x.shape[-1:], weight[k], bias[k], eps)
+    return y
+
+
+def op_paths(args) -> dict:
+    """name -> (function, Triton kernels selected): the op on each of its paths, the eager loop, the compiled loop."""
+    paths = {"op (PyTorch)": (rskip.fused_skip.skip_norm, False)}
+    if args.device.startswith("cuda") and rskip.fused_skip.kernels.triton is not None:
+        paths["op (Triton)"] = (rskip.fused_skip.skip_norm, True)
+    paths["eager loop"] = (eager_loop, False)
+    if args.device.startswith("cuda") or args.compile:
+        paths["compiled loop"] = (torch.compile(eager_loop, dynamic=False), False)
+    return paths
+
+
+def op_benchmark(args) -> list[dict]:
+    """Forward + backward of the op alone against the eager and the compiled loop, at (--op_rows, d) for each of
+    --op_features and K in --op_recursions: ms, GB/s over the bytes the op must move, and % of copy bandwidth."""
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    bandwidth = copy_bandwidth(args)
+    print(f"\nthe op alone: {args.op_rows} rows, {dtype}; measured copy bandwidth {bandwidth / 1e9:.0f} GB/s",
+          flush=True)
+    rows = []
+    paths = op_paths(args)
+    generator = torch.Generator().manual_seed(0)
+    for features in args.op_features:
+        x, h, grad_y = (torch.randn(args.op_rows, features, generator=generator).to(args.device, dtype)
+                        for _ in range(3))
+        for k in args.op_recursions:
+            weight, bias = (torch.randn(k, features, generator=generator).to(args.device, dtype) for _ in range(2))
+            leaves = [t.requires_grad_() for t in (x.clone(), h.clone(), weight, bias)]
+            # x and h read, y and z_1 written; dy, x and z_1 read, dh and Σ dz (K > 1) written
+            moved = (8 + (k > 1)) * x.numel() * x.element_size()
+            times = {}
+            for name, (fn, triton) in paths.items():
+                def step(fn=fn, triton=triton):
+                    with rskip.use_triton(triton):
+                        y = fn(*leaves, 1.0, 1e-5, "token") if fn is rskip.fused_skip.skip_norm else fn(*leaves)
+                        torch.autograd.backward(y, grad_y)
+                step()  # warm-up, compilation
+                timer = torch_benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=args.threads)
+                times[name] = timer.blocked_autorange(min_run_time=args.min_run_time).median
+            for name, seconds in times.items():
+                rows.append({"path": name, "features": features, "recursions": k, "ms": seconds * 1e3,
+                             "gb_per_s": moved / seconds / 1e9, "copy_bandwidth_share": moved / seconds / bandwidth,
+                             "vs_eager_loop": times["eager loop"] / seconds,
+                             "vs_compiled_loop": times["compiled loop"] / seconds if "compiled loop" in times else None})
+    print(f"{'path':<16} {'d':>6} {'K':>2} {'ms':>8} {'GB/s':>7} {'% copy':>7} {'eager/this':>10} {'compiled/this':>13}")
+    for r in rows:
+        compiled = "-" if r["vs_compiled_loop"] is None else f"{r['vs_compiled_loop']:.2f}"
+        print(f"{r['path']:<16} {r['features']:>6} {r['recursions']:>2} {r['ms']:>8.3f} {r['gb_per_s']:>7.0f} "
+              f"{100 * r['copy_bandwidth_share']:>6.1f}% {r['vs_eager_loop']:>10.2f} {compiled:>13}")
+    return rows
+
+
+def plot_op(rows: list[dict], path: Path, title: str) -> None:
+    names = [f"{r['path']} d={r['features']} K={r['recursions']}" for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.3 * len(names) + 1.5), sharey=True)
+    colors = ["tab:blue" if r["path"].startswith("op") else "tab:orange" for r in rows]
+    axes[0].barh(names, [r["ms"] for r in rows], color=colors)
+    axes[0].set_xlabel("forward + backward (ms)")
+    axes[1].barh(names, [100 * r["copy_bandwidth_share"] for r in rows], color=colors)
+    axes[1].set_xlabel("% of measured copy bandwidth")
+    axes[0].invert_yaxis()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_op_results(args, rows: list[dict]) -> list[dict]:
+    """With ``--op only``: benchmark.json holds the op's rows alone; either way benchmark_op.png plots them."""
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if args.op == "only":
+        (output_dir / "benchmark.json").write_text(json.dumps({"args": vars(args), "results": [], "op": rows},
+                                                              indent=2))
+    if rows:
+        plot_op(rows, output_dir / "benchmark_op.png", f"the op alone on {args.device}, {args.op_rows} rows")
+        print(f"wrote {output_dir}/benchmark_op.png")
+    return rows
+
+
+def selected_variants(variants: list[dict], args) -> list[dict]:
+    """The rows of the skip variants named by --variants (all without it)."""
+    return [options for options in variants if not args.variants or options["skip_variant"] in args.variants]
+
+
+def add_op_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("the op alone")
+    group.add_argument("--op", choices=("auto", "on", "off", "only"), default="auto",
+                       help="time the op alone against the eager and compiled loop: auto = on CUDA; only = no models")
+    group.add_argument("--op_rows", type=COUNT, default=16384)
+    group.add_argument("--op_features", type=COUNT, nargs="+", default=[512, 1024, 4096])
+    group.add_argument("--op_recursions", type=bounded(int, 1, 4), nargs="+", default=[1, 2, 3])
+    group.add_argument("--channels_last", action="store_true", help="image models and inputs in channels-last memory")
+    parser.add_argument("--variants", nargs="+", choices=rskip.SKIP_VARIANTS, metavar="VARIANT",
+                        help="time only these skip variants beside the stock model (default: all)")
 
 
 IMAGE_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "preact_resnet20", "preact_resnet56",
@@ -270,6 +392,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     group = parser.add_argument_group("resnet")
     group.add_argument("--image_model", default="resnet50", choices=IMAGE_MODELS)
     group.add_argument("--image_size", type=bounded(int, 8), default=64)
+    add_op_arguments(parser)
     args = parser.parse_args(argv)
     if args.preset:
         vars(args).update(MARIAN_PRESETS[args.preset])
@@ -295,6 +418,10 @@ def main(argv=None):
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     print(f"benchmark: {args.family} on {args.device}, {args.threads} threads", flush=True)
+    op_rows = op_benchmark(args) if args.op == "on" or args.op == "only" or (
+        args.op == "auto" and args.device.startswith("cuda")) else []
+    if args.op == "only":
+        return write_op_results(args, op_rows)
     models = marian_models(args) if args.family == "marian" else resnet_models(args)
     results, steps = zip(*(profile(*row, args) for row in models))
     time_steps(results, steps, args)
@@ -319,7 +446,9 @@ def main(argv=None):
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "benchmark.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    (output_dir / "benchmark.json").write_text(json.dumps({"args": vars(args), "results": results, "op": op_rows},
+                                                          indent=2))
+    write_op_results(args, op_rows)
     with open(output_dir / "benchmark.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(results[0]))
         writer.writeheader()
@@ -332,6 +461,9 @@ def main(argv=None):
 
 def run() -> None:
     """The console script: `main` with errors as one line and an exit status."""
+    # imported here: the benchmark itself needs only the model package (scripts/gpu_check.sh carries no datasets)
+    from rskip.training.cli import run_main
+
     run_main(main)
 
 

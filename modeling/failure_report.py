@@ -1,7 +1,7 @@
 """One message for one failure, however many processes meet it.
 
 Under `accelerate launch` (torch elastic) every training process that meets a bad input raises the same error
-(`rskip.training.errors.main_process_first`). The launcher stops the other processes as soon as one exits, then
+(`rskip.training.errors.main_process_first`) or a bad flag. The launcher stops the other processes as soon as one exits, then
 prints a summary of the failed processes whose root cause (the first failure) it reads from the JSON file each
 process is given in `TORCHELASTIC_ERROR_FILE`; without one, the summary says only "To enable traceback see ...".
 
