@@ -90,3 +90,15 @@ def test_the_op_alone_against_the_eager_loop(tmp_path):
     saved = json.loads((tmp_path / "benchmark.json").read_text())
     assert saved["results"] == [] and len(saved["op"]) == len(rows) == 8
     assert (tmp_path / "benchmark_op.png").stat().st_size > 0
+
+
+def test_the_benchmark_needs_only_the_model_package(run_python):
+    """scripts/gpu_check.sh carries the model package's dependencies, not the training library's (datasets, pyarrow,
+    evaluate, sacrebleu): the benchmark and its command line must not import them."""
+    run_python("""
+import sys
+for name in ("datasets", "pyarrow", "evaluate", "sacrebleu"):
+    sys.modules[name] = None  # importing them fails from here on
+from rskip.commands import benchmark
+assert benchmark.parse_args(["--op", "only", "--op_rows", "8", "--op_features", "16"]).op_rows == 8
+""")
