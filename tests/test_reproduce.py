@@ -78,7 +78,7 @@ def test_verdict_calls_a_gap_within_the_seeds_spread_no_difference():
 
 
 def test_diagnostics_steps_are_logged_and_leave_the_run_unchanged(tmp_path, data_dir, multi30k_dir):
-    import train_translation
+    from rskip.commands import train_translation
     from rskip.tokenization import train_marian_tokenizer
 
     data = data_dir / "multi30k"

@@ -58,7 +58,7 @@ def test_the_resnet_config_imports_neither_timm_nor_the_model_code(tmp_path, run
     package = tmp_path / "hub_folder"
     package.mkdir()
     (package / "__init__.py").write_text("")
-    for name in ("configuration_rskip_resnet.py", "skip_options.py"):
+    for name in ("configuration_rskip_resnet.py", "skip_options.py", "library_versions.py"):
         shutil.copy(REPO / "modeling" / name, package / name)
     run_python(f"""
 import sys
