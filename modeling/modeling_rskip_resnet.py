@@ -26,6 +26,7 @@ from .weights_files import WeightsFileCheckMixin
 # transformers < 5.10 copies into a saved folder's module cache only the files that the loaded file itself imports:
 # these are the rest of what this file needs (through the files above).
 from .fused_skip import skip_norm  # noqa: F401
+from .fused_skip_triton import supports  # noqa: F401  (imported by `fused_skip` in a form the copy does not follow)
 from .library_versions import require_versions  # noqa: F401
 from .residual import create_skip  # noqa: F401
 from .skip_options import ResNetSkipOptions  # noqa: F401
