@@ -12,8 +12,8 @@ to `<output_dir>/comparison.png`.
 What it shows: that the two variants train end to end on the same footing, and how one seed of each compares at
 6+6 layers, a moderate rate (1e-3) and a sixth of the run as warm-up -- a regime where post-LN trains well, so
 nothing here is expected to favour rSkip+LN (on our machine post-LN led). What it does not show: seed noise, deep
-stacks, large rates or short warm-up, where the variants differ; `scripts/reproduce.py gradients` and
-`scripts/reproduce.py stability` measure those (README, "Results").
+stacks, large rates or short warm-up, where the variants differ; `rskip-reproduce gradients` and
+`rskip-reproduce stability` measure those (README, "Results").
 """
 
 import argparse
@@ -147,7 +147,7 @@ def main(argv=None):
                          output_dir / "comparison.png")
     print(f"\nValidation curves: {figure}")
     print("One seed in a regime where post-LN trains well: not evidence either way. Where the variants differ: "
-          "python scripts/reproduce.py gradients | stability (README, \"Results\").")
+          "rskip-reproduce gradients | stability (README, \"Results\").")
     return results
 
 
