@@ -1,6 +1,6 @@
 """`make demo`: post-LN against rSkip+LN (K = 2), side by side, offline, in a few minutes on a CPU.
 
-The task needs no download: English number words into German ones, generated here with num2words, e.g.
+The task needs no download: English number words into German ones, generated with num2words (`rskip.experiments.number_task`), e.g.
 "seven thousand, three hundred and forty-two" -> "siebentausenddreihundertzweiundvierzig".
 German says the units before the tens ("zweiundvierzig" is two-and-forty) and writes a number as one word,
 so the model must reorder, not just look words up.
@@ -20,16 +20,13 @@ import argparse
 import contextlib
 import io
 import json
-import random
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from num2words import num2words
-
-from rskip.tokenization import train_marian_tokenizer
+from rskip.experiments.number_task import write_number_pairs, write_number_tokenizer
 from rskip.training import TrainingError
 from rskip.training.cli import COUNT, SEED, CommandParser, output_folder, parse_translation_args, run_main
 from rskip.training.reporting import plot_curves
@@ -88,18 +85,6 @@ def training_flags(variant: str, data: Path, tokenizer: Path, output_dir: Path, 
     ]
 
 
-def write_number_pairs(folder: Path, largest_number: int, train_size: int, eval_size: int, seed: int) -> Path:
-    """train/validation/test files PREFIX.{en,de} of distinct random numbers from 1 to `largest_number`."""
-    numbers = random.Random(seed).sample(range(1, largest_number + 1), train_size + 2 * eval_size)
-    splits = {"train": numbers[:train_size], "valid": numbers[train_size:train_size + eval_size],
-              "test": numbers[train_size + eval_size:]}
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, values in splits.items():
-        for lang in ("en", "de"):
-            (folder / f"{split}.{lang}").write_text("".join(num2words(n, lang=lang) + "\n" for n in values))
-    return folder
-
-
 def train(variant: str, data: Path, tokenizer: Path, output_dir: Path, args) -> dict:
     """One `train_translation.py` run in a fresh process; returns its results.json."""
     command = [sys.executable, str(SCRIPTS / "train_translation.py"),
@@ -116,9 +101,7 @@ def main(argv=None):
     output_dir = Path(args.output_dir)
     started = time.time()
     data = write_number_pairs(output_dir / "data", args.largest_number, args.train_size, args.eval_size, args.seed)
-    tokenizer = output_dir / "tokenizer"
-    train_marian_tokenizer((data / "train.en").read_text().splitlines(), (data / "train.de").read_text().splitlines(),
-                           tokenizer, vocab_size=200, source_lang="en", target_lang="de", seed=args.seed)
+    tokenizer = write_number_tokenizer(data, output_dir / "tokenizer", args.seed)
     results = {variant: train(variant, data, tokenizer, output_dir, args) for variant in VARIANTS}
 
     sources = (data / "test.en").read_text().splitlines()

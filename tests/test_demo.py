@@ -1,16 +1,17 @@
 """scripts/demo.py (`make demo`): its generated task, and a miniature of the whole comparison."""
 
 import demo
+from rskip.experiments import number_task
 
 
 def test_the_number_task_needs_reordering_and_its_splits_are_disjoint(tmp_path):
-    folder = demo.write_number_pairs(tmp_path, largest_number=999, train_size=50, eval_size=10, seed=0)
+    folder = number_task.write_number_pairs(tmp_path, largest_number=999, train_size=50, eval_size=10, seed=0)
     splits = {split: {lang: (folder / f"{split}.{lang}").read_text().splitlines() for lang in ("en", "de")}
               for split in ("train", "valid", "test")}
     assert [len(splits[split]["en"]) for split in splits] == [50, 10, 10]
     assert all(len(pair["en"]) == len(pair["de"]) for pair in splits.values())
     assert not set(splits["train"]["en"]) & (set(splits["valid"]["en"]) | set(splits["test"]["en"]))
-    assert demo.num2words(342, lang="de") == "dreihundertzweiundvierzig"  # units before tens: "two and forty"
+    assert number_task.num2words(342, lang="de") == "dreihundertzweiundvierzig"  # units before tens: "two and forty"
 
 
 def test_a_miniature_demo_compares_both_variants(tmp_path, capsys):
