@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from rskip import CifarPreActResNet, ResNetSkipOptions, RSkipMarianConfig, RSkipMarianMTModel, SkipOptions
+from rskip.experiments.summaries import fmt, mean_std, verdict
 from rskip.diagnostics import measure, plot_by_depth, plot_layers, random_batch
 from rskip.training import TrainingConfig, TrainingError, train
 from rskip.training.cli import (
@@ -138,31 +139,6 @@ def hardware() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} ({torch.cuda.device_count()} visible)"
     return f"{os.cpu_count()} CPU cores ({platform.machine()}), {torch.get_num_threads()} torch threads"
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    values = [value for value in values if value is not None and math.isfinite(value)]
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def fmt(values: list[float], digits: int = 2) -> str:
-    mean, std = mean_std(values)
-    if math.isnan(mean):
-        return "—"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
-
-
-def verdict(a: list[float], b: list[float], higher_is_better: bool = True) -> str:
-    """How `a` compares with `b`: 'better', 'worse', or 'no difference' when the gap of the means is within the
-    larger standard deviation over seeds (or there is one seed only)."""
-    (mean_a, std_a), (mean_b, std_b) = mean_std(a), mean_std(b)
-    if math.isnan(mean_a) or math.isnan(mean_b):
-        return "—"
-    if min(len(a), len(b)) < 2 or abs(mean_a - mean_b) <= max(std_a, std_b):
-        return "no difference"
-    return "better" if (mean_a > mean_b) == higher_is_better else "worse"
 
 
 # ------------------------------------------------------------------------------------------------ gradients
