@@ -118,7 +118,7 @@ COMMANDS = [
         ("--image_size", "32", "7"), ("--op_rows", "64", "inf"), ("--op_features", "512", "inf"),
         ("--op_recursions", "2", "5"))),
     Command("reproduce", reproduce.parse_args, [*MODULE, "rskip.commands.reproduce"], ["gradients"],
-            numbers(("--seeds", "2", "inf"))),
+            numbers(("--seeds", "2", "inf"), ("--workers", "2", "inf"))),
     Command("demo", demo.parse_args, [sys.executable, str(REPO / "scripts" / "demo.py")], [], numbers(
         ("--largest_number", "9999", "100"), ("--train_size", "100", "inf"), ("--eval_size", "10", "inf"),
         ("--max_train_steps", "100", "inf"), ("--eval_steps", "10", "inf"),
@@ -249,6 +249,7 @@ PATH_AND_CHOICE_CASES = [
     ("reproduce", ["--variants", "rskip"], "argument --variants: invalid choice: 'rskip'"),
     ("reproduce", ["--translation_preset", "wmt14"], "argument --translation_preset: not used by gradients"),
     ("reproduce", ["--output_dir", "a-file"], "argument --output_dir: 'a-file' is a file"),
+    ("reproduce", ["--converged"], "argument --converged: not used by gradients; it goes with cifar"),
     ("demo", ["--model_preset", "big"], "argument --model_preset: invalid choice: 'big'"),
     ("demo", ["--output_dir", "a-file"], "argument --output_dir: 'a-file' is a file"),
     ("demo", ["--config_overrides", "d_model=30"], "argument --config_overrides: 'd_model=30': d_model=30 is not "),
@@ -285,6 +286,11 @@ def test_a_bad_path_or_choice_is_refused_naming_the_flag(finished_run, capsys, n
     ("reproduce", ["translation", "--data_dir", "missing"], "argument --data_dir: 'missing' has no "
                                                             "multi30k/train.en[.gz]"),
     ("reproduce", ["sweep"], "argument experiment: invalid choice: 'sweep'"),
+    ("reproduce", ["depth", "--full"], "argument --full: depth has the presets --mini, --quick; on a GPU, "
+                                       "scripts/gpu_evidence.sh runs it at width 256"),
+    ("reproduce", ["depth", "--variants", "pre_ln"], "argument --variants: not used by depth"),
+    ("reproduce", ["cifar", "--converged", "--full"], "argument --full: cifar --converged has the presets --quick "
+                                                      "and --mini"),
 ])
 def test_a_bad_positional_argument_is_refused_naming_it(finished_run, capsys, name, positional, message):
     argv = [str(finished_run) if word == "RUN" else word for word in positional]

@@ -5,6 +5,11 @@
     rskip-reproduce translation ...   # the paper's variant set on Multi30k EN-DE, mean ± std over seeds
     rskip-reproduce cifar       ...   # PreAct-ResNets on CIFAR-10
     rskip-reproduce bn          ...   # BatchNorm in place of LayerNorm, both families
+    rskip-reproduce depth       [--workers N]   # depth x rate regime on the number task, trained to the end
+
+`depth` is a resumable grid (`rskip.experiments.runner`): each run has its folder under `<output_dir>/runs`, runs go
+side by side (`--workers`, one per core by default, one thread each), and the same command run again skips finished
+runs and resumes interrupted ones, rebuilding results.md, results.json and the plots from every finished run.
 
 `--quick` (the default) is sized for a few minutes on 2 CPU cores: small models, short runs, a subset of the data;
 `--full` is the paper-scale recipe, for GPUs (`--translation_preset iwslt15|wmt14` selects the translation data of
@@ -28,7 +33,17 @@ from pathlib import Path
 import torch
 
 from rskip import CifarPreActResNet, ResNetSkipOptions, RSkipMarianConfig, RSkipMarianMTModel, SkipOptions
+from rskip.experiments import cifar_converged, depth_map
+from rskip.experiments.runner import run_grid
 from rskip.experiments.summaries import fmt, mean_std, verdict
+from rskip.experiments.variants import (
+    ALL_VARIANTS,
+    BN_VARIANTS,
+    CIFAR_VARIANTS,
+    GRADIENT_VARIANTS,
+    STABILITY_VARIANTS,
+    TRANSLATION_VARIANTS,
+)
 from rskip.diagnostics import measure, plot_by_depth, plot_layers, random_batch
 from rskip.training import TrainingConfig, TrainingError, train
 from rskip.training.cli import (
@@ -46,37 +61,6 @@ from rskip.training.translation import MODEL_PRESETS, TranslationTask
 # The offline data beside a clone of the repository (run from its root, as `make` does).
 DATA = Path("..") / "shared" / "data"
 
-# Variants by label -> their --skip_* flags.
-def skip(variant: str, **options) -> list[str]:
-    return ["--skip_variant", variant, *[word for name, value in options.items()
-                                         for word in (f"--skip_{name}", str(value))]]
-
-
-GRADIENT_VARIANTS = {
-    "plain": skip("plain"), "xskip λ=0.5": skip("xskip", scale=0.5), "xskip λ=1": skip("xskip", scale=1.0),
-    "xskip λ=2": skip("xskip", scale=2.0), "xskip_ln λ=2": skip("xskip_ln", scale=2.0),
-    "rskip_ln K=1 (post_ln)": skip("rskip_ln", recursions=1), "rskip_ln K=2": skip("rskip_ln", recursions=2),
-    "rskip_ln K=3": skip("rskip_ln", recursions=3), "pre_ln": skip("pre_ln"),
-    "xskip_bn λ=2": skip("xskip_bn", scale=2.0), "rskip_bn K=2": skip("rskip_bn", recursions=2),
-}
-TRANSLATION_VARIANTS = {
-    "post_ln": skip("post_ln"), "pre_ln": skip("pre_ln"), "xskip_ln λ=2": skip("xskip_ln", scale=2.0),
-    "rskip_ln K=2": skip("rskip_ln", recursions=2), "rskip_ln K=3": skip("rskip_ln", recursions=3),
-    # wmt14: the paper's claim that rSkip+LN transformer-base beats post-LN transformer-big
-    "post_ln big": [*skip("post_ln"), "--model_preset", "transformer-big"],
-}
-STABILITY_VARIANTS = {"post_ln": skip("post_ln"), "pre_ln": skip("pre_ln"),
-                      "rskip_ln K=2": skip("rskip_ln", recursions=2)}
-CIFAR_VARIANTS = {
-    "plain": skip("plain"), "xskip λ=0.5": skip("xskip", scale=0.5), "xskip_ln λ=2": skip("xskip_ln", scale=2.0),
-    "rskip_ln K=2": skip("rskip_ln", recursions=2), "xskip_bn λ=2": skip("xskip_bn", scale=2.0),
-    "rskip_bn K=2": skip("rskip_bn", recursions=2),
-}
-BN_VARIANTS = {
-    "xskip_ln λ=2": skip("xskip_ln", scale=2.0), "xskip_bn λ=2": skip("xskip_bn", scale=2.0),
-    "rskip_ln K=2": skip("rskip_ln", recursions=2), "rskip_bn K=2": skip("rskip_bn", recursions=2),
-}
-ALL_VARIANTS = {**GRADIENT_VARIANTS, **TRANSLATION_VARIANTS, **CIFAR_VARIANTS, **BN_VARIANTS}
 
 # Sizes per experiment and preset. "mini" is the tests' (seconds), "quick" a CPU's, "full" the paper's scale.
 TRANSLATION_DATA = {
@@ -135,10 +119,11 @@ PRESETS["bn"] = {
 }
 
 
-def hardware() -> str:
+def hardware(threads: int | None = None) -> str:
+    """The machine; `threads`: the torch threads of each run (default: this process's)."""
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} ({torch.cuda.device_count()} visible)"
-    return f"{os.cpu_count()} CPU cores ({platform.machine()}), {torch.get_num_threads()} torch threads"
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}), {threads or torch.get_num_threads()} torch thread(s)"
 
 
 # ------------------------------------------------------------------------------------------------ gradients
@@ -502,8 +487,11 @@ def run_bn(preset: dict, seeds: int, output_dir: Path, data_dir: Path, notes: li
 # ---------------------------------------------------------------------------------------------------- main
 
 EXPERIMENTS = {"gradients": run_gradients, "stability": run_stability, "translation": run_translation,
-               "cifar": run_cifar, "bn": run_bn}
-DEFAULT_SEEDS = {"gradients": 1, "stability": 1, "translation": 3, "cifar": 3, "bn": 3}
+               "cifar": run_cifar, "bn": run_bn, "depth": None}
+DEFAULT_SEEDS = {"gradients": 1, "stability": 1, "translation": 3, "cifar": 3, "bn": 3, "depth": 3}
+# Grids run by rskip.experiments.runner: resumable, side by side.
+GRIDS = {"depth": depth_map}
+PRESETS["depth"] = depth_map.PRESETS
 
 
 CIFAR_MODELS = ("preact_resnet20", "preact_resnet56", "preact_resnet110", "preact_resnet164")
@@ -536,8 +524,25 @@ def parse_args(argv=None) -> argparse.Namespace:
                              f"'rskip_ln K=2'); the first is the reference. Known: {', '.join(ALL_VARIANTS)}.")
     parser.add_argument("--data_dir", type=Path, default=DATA, help="The offline data (multi30k/, cifar10/).")
     parser.add_argument("--output_dir", type=output_folder, help="Default: runs/reproduce/<experiment>-<preset>.")
+    parser.add_argument("--converged", action="store_true",
+                        help="cifar: a PreAct-ResNet-20 trained to the end of a 15-epoch schedule, plain against "
+                             "rSkip+LN and post-LN, as a resumable grid.")
+    parser.add_argument("--workers", type=COUNT, default=os.cpu_count(),
+                        help="depth, cifar --converged: runs side by side, one thread each (default: one per core).")
     args = parser.parse_args(argv)
-    for flag, experiments in (("models", ("cifar", "bn")), ("variants", tuple(set(EXPERIMENTS) - {"bn"})),
+    if args.converged and args.experiment != "cifar":
+        parser.error(f"argument --converged: not used by {args.experiment}; it goes with cifar")
+    if args.converged and args.preset == "full":
+        parser.error("argument --full: cifar --converged has the presets --quick and --mini; the paper's recipe is "
+                     "cifar --full")
+    if args.converged and (args.models or args.variants):
+        parser.error(f"argument --{'models' if args.models else 'variants'}: cifar --converged compares a fixed set "
+                     "(preact_resnet20: plain, rskip_ln K=2, post_ln)")
+    if args.preset not in PRESETS[args.experiment]:
+        parser.error(f"argument --{args.preset}: {args.experiment} has the presets "
+                     f"{', '.join('--' + name for name in PRESETS[args.experiment])}"
+                     + ("; on a GPU, scripts/gpu_evidence.sh runs it at width 256" if args.experiment == "depth" else ""))
+    for flag, experiments in (("models", ("cifar", "bn")), ("variants", tuple(set(EXPERIMENTS) - {"bn", "depth"})),
                               ("translation_preset", ("translation",))):
         if getattr(args, flag) is not None and args.experiment not in experiments:
             parser.error(f"argument --{flag}: not used by {args.experiment}; it goes with "
@@ -551,14 +556,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                          f"{' or '.join(name + ('[.gz]' if name.endswith('.en') else '') for name in missing)}, which "
                          f"{args.experiment} reads; expected the folder of the offline data (../shared/data in a "
                          "clone)")
-    args.seeds = args.seeds or DEFAULT_SEEDS[args.experiment]
-    args.output_dir = Path(args.output_dir or Path("runs") / "reproduce" / f"{args.experiment}-{args.preset}")
+    args.seeds = args.seeds or (cifar_converged.DEFAULT_SEEDS if args.converged else DEFAULT_SEEDS[args.experiment])
+    name = f"{args.experiment}{'-converged' if args.converged else ''}-{args.preset}"
+    args.output_dir = Path(args.output_dir or Path("runs") / "reproduce" / name)
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["rskip-reproduce", *(argv if argv is not None else sys.argv[1:])])
+    if args.converged:
+        return run_resumable_grid(cifar_converged, args, cifar_converged.PRESETS[args.preset], command)
+    if args.experiment in GRIDS:
+        return run_resumable_grid(GRIDS[args.experiment], args, PRESETS[args.experiment][args.preset], command)
     preset = PRESETS[args.experiment][args.preset]
     if args.variants:
         preset = dict(preset, variants=args.variants)
@@ -566,7 +577,6 @@ def main(argv=None) -> dict:
         preset = dict(preset, models=args.models)
     elif args.models and args.experiment == "bn":
         preset = dict(preset, cifar=dict(preset["cifar"], models=args.models))
-    command = shlex.join(["rskip-reproduce", *(argv if argv is not None else sys.argv[1:])])
     notes: list[str] = []
     started = time.time()
     if args.experiment == "translation" and args.translation_preset != "multi30k":
@@ -577,18 +587,59 @@ def main(argv=None) -> dict:
     else:
         outcome = EXPERIMENTS[args.experiment](preset, args.seeds, args.output_dir, args.data_dir, notes)
     wall = time.time() - started
+    results = write_results(args, command, preset, outcome, notes, f"wall time {wall / 60:.1f} min",
+                            wall_time_s=round(wall, 1))
+    print((args.output_dir / "results.md").read_text())
+    return results
+
+
+def write_results(args, command: str, preset: dict, outcome: dict, notes: list[str], timing: str,
+                  threads: int | None = None, **extra) -> dict:
+    """results.json (everything, each run's command included) and results.md (notes, tables, figures)."""
     results = {"experiment": args.experiment, "preset": args.preset, "seeds": args.seeds, "command": command,
-               "hardware": hardware(), "wall_time_s": round(wall, 1), "settings": preset, "notes": notes,
+               "hardware": hardware(threads), **extra, "settings": preset, "notes": notes,
                **{key: value for key, value in outcome.items() if key not in ("table",)}}
     (args.output_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
     figures = "\n".join(f"![{name}]({name})" for name in outcome["figures"])
     (args.output_dir / "results.md").write_text(
-        f"# rskip-reproduce {args.experiment} ({args.preset})\n\n`{command}`\n\n"
-        f"{args.seeds} seed(s); {hardware()}; wall time {wall / 60:.1f} min.\n\n"
+        f"# rskip-reproduce {args.experiment}{' --converged' if args.converged else ''} ({args.preset})\n\n"
+        f"`{command}`\n\n"
+        f"{args.seeds} seed(s); {hardware(threads)}; {timing}.\n\n"
         + "\n\n".join(notes) + f"\n\n{outcome['table']}\n\n{figures}\n\n"
         "A difference within the seeds' spread (the larger standard deviation) is reported as no difference. "
         "Each training run's command is in results.json.\n")
+    return results
+
+
+def run_resumable_grid(experiment, args, preset: dict, command: str) -> dict:
+    """A grid of `rskip.experiments.runner`: the unfinished runs, side by side; results.{md,json} and the plots
+    rebuilt after each finished run, from every finished run (also those of earlier sittings)."""
+    specs = experiment.run_specs(preset, args.seeds, *experiment.prepare(preset, args.output_dir, args.data_dir))
+    sittings_file = args.output_dir / "sittings.json"
+    sittings = json.loads(sittings_file.read_text()) if sittings_file.is_file() else []
+    sittings.append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": 0.0, "workers": args.workers})
+    started = time.time()
+    results = {}
+
+    def rebuild() -> None:
+        nonlocal results
+        sittings[-1]["wall_s"] = round(time.time() - started, 1)
+        sittings_file.write_text(json.dumps(sittings, indent=1))
+        outcome = experiment.summarise(preset, args.seeds, args.output_dir, specs)
+        wall = sum(sitting["wall_s"] for sitting in sittings)
+        timing = (f"{outcome['finished']} of {outcome['planned']} runs finished; wall time {wall / 3600:.2f} h over "
+                  f"{len(sittings)} sitting(s) with {args.workers} run(s) side by side, one thread each; the runs' "
+                  f"own training time {outcome['total_train_s'] / 3600:.2f} h")
+        results = write_results(args, command, preset, outcome, [outcome["note"]], timing, threads=1,
+                                wall_time_s=round(wall, 1), sittings=sittings)
+
+    status = run_grid(specs, args.output_dir / "runs", args.workers, on_run_finished=rebuild)
+    rebuild()
     print((args.output_dir / "results.md").read_text())
+    failed = {name: value for name, value in status.items() if value.startswith("failed")}
+    if failed:
+        raise TrainingError(f"{len(failed)} run(s) failed and stay unfinished (run the same command again to retry "
+                            "them): " + "; ".join(f"{name}: {value[len('failed: '):]}" for name, value in failed.items()))
     return results
 
 

@@ -24,7 +24,7 @@ One module per concern:
 The model files of the package never import this subpackage, so saved model folders stay free of it.
 """
 
-from .errors import TrainingError
+from .errors import TrainingDiverged, TrainingError
 from .loop import TrainingConfig, TrainingTask, train
 
-__all__ = ["TrainingError", "TrainingConfig", "TrainingTask", "train"]
+__all__ = ["TrainingDiverged", "TrainingError", "TrainingConfig", "TrainingTask", "train"]

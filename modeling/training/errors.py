@@ -19,6 +19,15 @@ class TrainingError(Exception):
     """A problem the user must fix (bad input, a wrong checkpoint, a diverged run), reported as one message."""
 
 
+class TrainingDiverged(TrainingError):
+    """The training loss became non-finite at optimizer step `step`: for a user an error like any other, for an
+    experiment an outcome to record (`rskip.experiments.runner`)."""
+
+    def __init__(self, message: str, step: int, loss: float):
+        super().__init__(message)
+        self.step, self.loss = step, loss
+
+
 def main_process_first(accelerator: Accelerator, work: Callable[[], Result]) -> Result:
     """`work()` on the main process, then on the others (which can then reuse what it cached); a `TrainingError`
     on any process is raised on every process."""

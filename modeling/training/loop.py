@@ -34,7 +34,7 @@ from .checkpoints import (
     save_checkpoint,
     settings_to_check,
 )
-from .errors import TrainingError, on_main_process
+from .errors import TrainingDiverged, TrainingError, on_main_process
 from .hub import HUB_STRATEGIES, IGNORED_BY_HUB, resolve_hub_checkpoint, start_hub_uploads
 from .reporting import finish_output, init_tracking, run_results, write_model_folder
 from .signals import RunStopped, StopSignals
@@ -404,9 +404,10 @@ def check_finite_loss(loss: float, step: int, output_dir: str | Path) -> None:
         return
     checkpoints = list_checkpoints(output_dir)
     last = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "there is no checkpoint yet"
-    raise TrainingError(
+    raise TrainingDiverged(
         f"the training loss is {loss} at step {step}; training stopped before updating the weights and saved "
-        f"nothing more ({last}). Try a lower --learning_rate, a longer warmup or gradient clipping."
+        f"nothing more ({last}). Try a lower --learning_rate, a longer warmup or gradient clipping.",
+        step, loss,
     )
 
 

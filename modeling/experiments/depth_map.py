@@ -1,0 +1,209 @@
+"""The depth map: post-LN, pre-LN and rSkip+LN (K = 2) trained to the end on the number task of `make demo`, by
+depth and learning-rate regime, several seeds each (`rskip-reproduce depth`).
+
+Every run is a `rskip-train-translation` run of the grid runner (`rskip.experiments.runner`), so the grid can be
+completed over several sittings; the tables and plots are rebuilt from whatever runs have finished, with the number of
+finished seeds shown per cell.
+"""
+
+import json
+import math
+import statistics
+from collections import Counter
+from pathlib import Path
+
+from ..training.reporting import plot_curves
+from .number_task import prepare_number_task
+from .runner import RunSpec, read_outcome
+from .summaries import fmt, mean_std, verdict
+from .variants import STABILITY_VARIANTS, folder_label
+
+VARIANTS = STABILITY_VARIANTS
+# Peak rate and the warm-up as a fraction of the run.
+REGIMES = {"moderate": (1e-3, 1 / 6), "aggressive": (3e-3, 0.0)}
+PRESETS = {
+    # the tests': seconds
+    "mini": dict(depths=[1, 2], steps=4, eval_steps=2, max_tokens=256, train_size=200, eval_size=8, beams=1,
+                 model="transformer-tiny", checkpointing_steps=2),
+    # trained to the end on 2 CPU cores: about 4, 8 and 16 minutes a run at 6+6, 12+12 and 24+24 (one thread each)
+    "quick": dict(depths=[6, 12, 24], steps=800, eval_steps=50, max_tokens=2048, train_size=8000, eval_size=200,
+                  beams=4, model="transformer-tiny", checkpointing_steps=100),
+}
+CONVERGED_WITHIN = 0.05  # "converged at": the first evaluation within 5 % of the final validation loss
+
+
+def run_specs(preset: dict, seeds: int, data: Path, tokenizer: Path) -> list[RunSpec]:
+    """The grid, cheapest depth first and all cells of one seed before the next seed, so that a partial grid has
+    every cell of the shallower depths."""
+    specs = []
+    for depth in preset["depths"]:
+        for seed in range(seeds):
+            for regime, (lr, warmup_fraction) in REGIMES.items():
+                for label, flags in VARIANTS.items():
+                    warmup = round(preset["steps"] * warmup_fraction)
+                    argv = (
+                        "--train_file", str(data / "train"), "--validation_file", str(data / "valid"),
+                        "--test_file", str(data / "test"), "--source_lang", "en", "--target_lang", "de",
+                        "--tokenizer_name", str(tokenizer), "--model_preset", preset["model"],
+                        "--config_overrides", f"encoder_layers={depth},decoder_layers={depth}",
+                        "--learning_rate", str(lr), "--num_warmup_steps", str(warmup),
+                        "--max_tokens", str(preset["max_tokens"]), "--max_train_steps", str(preset["steps"]),
+                        "--eval_steps", str(preset["eval_steps"]), "--num_beams", str(preset["beams"]),
+                        "--val_max_target_length", "24", "--bleu_tokenize", "char", "--seed", str(seed), *flags,
+                    )
+                    settings = {"depth": depth, "regime": regime, "lr": lr, "warmup": warmup, "variant": label,
+                                "seed": seed}
+                    specs.append(RunSpec(f"d{depth}-{regime}-{folder_label(label)}-seed{seed}", "translation", argv,
+                                         settings, str(preset["checkpointing_steps"])))
+    return specs
+
+
+def prepare(preset: dict, output_dir: Path, data_dir: Path | None = None) -> tuple[Path, Path]:
+    """What `run_specs` takes: the task's data and tokenizer, generated once in `output_dir` (seed 0) and shared by
+    every run (`data_dir` is not read: the task needs no download)."""
+    return prepare_number_task(output_dir, train_size=preset["train_size"], eval_size=preset["eval_size"])
+
+
+def unigram_loss(tokenizer_dir: Path, data: Path) -> float:
+    """The validation cross-entropy per target token of a model that has learned the target tokens' frequencies
+    (from the training data) and nothing else: the line between a run that stalls and one that trains."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    train = (data / "train.de").read_text().splitlines()
+    valid = (data / "valid.de").read_text().splitlines()
+    counts = Counter(token for ids in tokenizer(text_target=train)["input_ids"] for token in ids)
+    total = sum(counts.values())
+    tokens = [token for ids in tokenizer(text_target=valid)["input_ids"] for token in ids]
+    return -statistics.fmean(math.log((counts[token] + 1) / (total + len(tokenizer))) for token in tokens)
+
+
+def outcome_of(final_loss: float | None, stalled_above: float, diverged_above: float) -> str:
+    """diverges: a non-finite loss, or a final validation loss above `diverged_above` (clearly worse than
+    uniform); stalls: not below `stalled_above` (what the target tokens' frequencies alone give); trains: below."""
+    if final_loss is None or not math.isfinite(final_loss) or final_loss > diverged_above:
+        return "diverges"
+    return "stalls" if final_loss >= stalled_above else "trains"
+
+
+def summarise_run(spec: RunSpec, folder: Path, references: list[str], stalled_above: float,
+                  diverged_above: float) -> dict | None:
+    """One finished run's row (None while unfinished)."""
+    result = read_outcome(folder)
+    if result is None:
+        return None
+    row = {**spec.settings, "run": spec.name, "command": result.get("command")}
+    if "diverged" in result:
+        return {**row, "outcome": "diverges", "diverged_at_step": result["step"]}
+    history = result["history"]
+    final = history[-1]["loss"]
+    predictions = (folder / "predictions_test.txt").read_text().splitlines()
+    converged = next((record["step"] for record in history
+                      if math.isfinite(record["loss"]) and abs(record["loss"] - final) <= CONVERGED_WITHIN * final),
+                     None)
+    return {**row, "outcome": outcome_of(final, stalled_above, diverged_above),
+            "test_exact": 100 * sum(map(str.__eq__, predictions, references)) / len(references),
+            "test_chrf": result["test"]["chrf"], "final_validation_loss": final, "converged_at_step": converged,
+            "train_s": result["train_runtime_s"], "history": history}
+
+
+def summarise(preset: dict, seeds: int, output_dir: Path, specs: list[RunSpec]) -> dict:
+    """Tables and plots of the finished runs, rebuilt from their folders."""
+    data, tokenizer = output_dir / "data", output_dir / "tokenizer"
+    references = (data / "test.de").read_text().splitlines()
+    stalled_above = unigram_loss(tokenizer, data)
+    diverged_above = math.log(json.loads((tokenizer / "vocab.json").read_text()).__len__()) + 1.0
+    rows = [row for spec in specs
+            if (row := summarise_run(spec, output_dir / "runs" / spec.name, references, stalled_above,
+                                     diverged_above)) is not None]
+
+    def cell(depth, regime, label):
+        return [row for row in rows if (row["depth"], row["regime"], row["variant"]) == (depth, regime, label)]
+
+    labels = list(VARIANTS)
+    tables = []
+    for title, key, digits in (("test exact match (%)", "test_exact", 1), ("test chrF", "test_chrf", 1),
+                               ("final validation loss", "final_validation_loss", 3),
+                               ("update at which validation loss came within 5 % of its final value",
+                                "converged_at_step", 0)):
+        lines = [f"#### {title}", "", "| depth | regime | " + " | ".join(labels) + " |",
+                 "|---:|---|" + "---:|" * len(labels)]
+        for depth in preset["depths"]:
+            for regime in REGIMES:
+                lines.append(f"| {depth}+{depth} | {regime} | " + " | ".join(
+                    f"{fmt([row.get(key) for row in cell(depth, regime, label)], digits)} "
+                    f"(n={len(cell(depth, regime, label))})" for label in labels) + " |")
+        tables.append("\n".join(lines))
+    lines = ["#### outcome and verdict on test exact match", "",
+             "| depth | regime | " + " | ".join(labels) + " | rskip_ln K=2 vs post_ln | rskip_ln K=2 vs pre_ln |",
+             "|---:|---|" + "---|" * (len(labels) + 2)]
+    for depth in preset["depths"]:
+        for regime in REGIMES:
+            outcomes = [", ".join(f"{count} {outcome}" for outcome, count in
+                                  sorted(Counter(row["outcome"] for row in cell(depth, regime, label)).items()))
+                        or "—" for label in labels]
+            exact = {label: [row.get("test_exact") for row in cell(depth, regime, label)] for label in labels}
+            lines.append(f"| {depth}+{depth} | {regime} | " + " | ".join(outcomes) + " | "
+                         + " | ".join(verdict(exact["rskip_ln K=2"], exact[other]) for other in ("post_ln", "pre_ln"))
+                         + " |")
+    tables.insert(0, "\n".join(lines))
+
+    figures = [plot_by_depth_with_spread(rows, preset["depths"], "test_exact", "test exact match (%)",
+                                         output_dir / "depth_map_exact_match.png"),
+               plot_by_depth_with_spread(rows, preset["depths"], "final_validation_loss", "final validation loss",
+                                         output_dir / "depth_map_validation_loss.png")]
+    deepest = [row for row in rows if row["depth"] == max(preset["depths"]) and "history" in row]
+    if deepest:
+        figures.append(plot_curves({f"{row['variant']} {row['regime']} s{row['seed']}": row["history"]
+                                    for row in deepest}, ["loss"],
+                                   output_dir / f"depth_map_curves_depth{max(preset['depths'])}.png"))
+    note = (f"The number task of `make demo` ({preset['train_size']:,} training pairs, {preset['eval_size']} "
+            f"validation and {preset['eval_size']} test pairs, English number words -> German), "
+            f"{preset['model']} (d = 64) at D+D layers, {preset['steps']} updates of ≤ {preset['max_tokens']:,} "
+            f"tokens, inverse-sqrt schedule, Adam (0.9, 0.98), label smoothing 0.1, clipping at 1; regimes: "
+            + "; ".join(f"{name}: peak rate {lr:g}, warm-up {round(preset['steps'] * fraction)} updates"
+                        for name, (lr, fraction) in REGIMES.items())
+            + f". Test: the best checkpoint by validation BLEU (evaluated every {preset['eval_steps']} updates), "
+            f"beam {preset['beams']}; exact match: the whole number right. Outcome: diverges = a non-finite "
+            f"training loss, or a final validation loss above ln(vocabulary) + 1 = {diverged_above:.2f}; stalls = "
+            f"not below {stalled_above:.2f}, the loss of a model that knows only the target tokens' frequencies; "
+            f"trains = below. Cells: mean ± std over the finished seeds (n of {seeds}).")
+    total_train_s = sum(row.get("train_s") or 0 for row in rows)
+    return {"rows": rows, "finished": len(rows), "planned": len(specs), "unigram_loss": stalled_above,
+            "diverged_above": diverged_above, "total_train_s": total_train_s, "note": note,
+            "table": "\n\n".join(tables), "figures": [figure.name for figure in figures]}
+
+
+def plot_by_depth_with_spread(rows: list[dict], depths: list[int], key: str, ylabel: str, path: Path) -> Path:
+    """`key` against depth, one line per variant and regime (solid: moderate, dashed: aggressive), mean with the
+    seeds' standard deviation as error bars."""
+    from ..diagnostics import _pyplot
+
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    for index, label in enumerate(VARIANTS):
+        for regime, style in zip(REGIMES, ("-", "--")):
+            points = []
+            for depth in depths:
+                values = [row.get(key) for row in rows
+                          if (row["depth"], row["regime"], row["variant"]) == (depth, regime, label)]
+                mean, std = mean_std(values)
+                if math.isfinite(mean):
+                    points.append((depth, mean, std))
+            if points:
+                x, y, spread = zip(*points)
+                axis.errorbar(x, y, yerr=spread, linestyle=style, marker="o", capsize=3, color=f"C{index}",
+                              label=f"{label}, {regime}")
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(depths, [f"{d}+{d}" for d in depths])
+    axis.set_xlabel("depth (encoder + decoder layers)")
+    axis.set_ylabel(ylabel)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+__all__ = ["PRESETS", "REGIMES", "VARIANTS", "outcome_of", "prepare", "run_specs", "summarise", "unigram_loss"]

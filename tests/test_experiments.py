@@ -1,0 +1,140 @@
+"""rskip.experiments: a grid of runs completed over several sittings, and the two grids of `rskip-reproduce`
+(`depth`, `cifar --converged`) at the tests' size."""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import SHARED_DATA
+from datasets import load_dataset
+
+from rskip.commands import reproduce
+from rskip.experiments import depth_map
+from rskip.experiments.number_task import prepare_number_task
+from rskip.experiments.runner import RunSpec, read_outcome, run_grid
+from rskip.training import TrainingError
+
+
+@pytest.fixture(scope="module")
+def number_task(tmp_path_factory):
+    return prepare_number_task(tmp_path_factory.mktemp("task"), train_size=200, eval_size=8)
+
+
+def translation_spec(name, number_task, steps=4, learning_rate="1e-3", extra=(), checkpointing_steps="2"):
+    data, tokenizer = number_task
+    argv = ("--train_file", str(data / "train"), "--validation_file", str(data / "valid"), "--test_file",
+            str(data / "test"), "--source_lang", "en", "--target_lang", "de", "--tokenizer_name", str(tokenizer),
+            "--model_preset", "transformer-tiny", "--config_overrides", "encoder_layers=1,decoder_layers=1",
+            "--learning_rate", learning_rate, "--num_warmup_steps", "0", "--max_tokens", "256",
+            "--max_train_steps", str(steps), "--eval_steps", str(steps), "--num_beams", "1", "--seed", "0", *extra)
+    return RunSpec(name, "translation", argv, {"name": name}, checkpointing_steps)
+
+
+def test_a_grid_stopped_by_sigterm_resumes_where_it_stopped_and_skips_what_finished(tmp_path, number_task):
+    """The real path: the grid's process gets SIGTERM in the middle of a run; the run saves a checkpoint and the
+    grid exits 143. The same grid run again skips the finished run and continues the interrupted one, which ends
+    exactly as the same run does uninterrupted."""
+    interrupted = translation_spec("interrupted", number_task, steps=300, checkpointing_steps="5")
+    script = tmp_path / "grid.py"
+    script.write_text(
+        "import sys\nfrom pathlib import Path\nfrom rskip.experiments.runner import RunSpec, run_grid\n"
+        "from rskip.training.cli import run_main\n"
+        f"spec = RunSpec(**{interrupted.__dict__!r})\n"
+        f"run_main(lambda: run_grid([spec], Path({str(tmp_path / 'runs')!r}), workers=1))\n")
+    grid = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoints = tmp_path / "runs" / "interrupted" / "checkpoints"
+    deadline = time.time() + 120
+    while not (checkpoints.is_dir() and any(checkpoints.iterdir())) and time.time() < deadline:
+        time.sleep(0.05)
+    grid.send_signal(signal.SIGTERM)
+    output, _ = grid.communicate(timeout=300)
+    assert grid.returncode == 128 + signal.SIGTERM, output
+    assert read_outcome(tmp_path / "runs" / "interrupted") is None, "the run finished before it could be stopped"
+    saved = json.loads(next((tmp_path / "runs" / "interrupted" / "checkpoints").iterdir()).joinpath(
+        "run_state.json").read_text())["step"]
+    assert 0 < saved < 300
+
+    reference = translation_spec("reference", number_task, steps=300, checkpointing_steps="5")
+    reports = []
+    status = run_grid([interrupted, reference], tmp_path / "runs", workers=2, report=reports.append)
+    assert status == {"interrupted": "finished", "reference": "finished"}
+    log = (tmp_path / "runs" / "interrupted" / "log.txt").read_text()
+    assert f"Resumed from {checkpoints / f'step_{saved}'}: step {saved}" in log
+    resumed, uninterrupted = (read_outcome(tmp_path / "runs" / name) for name in ("interrupted", "reference"))
+    assert resumed["history"][-1] == uninterrupted["history"][-1]
+    assert resumed["test"] == uninterrupted["test"]
+
+    reports.clear()
+    assert run_grid([interrupted, reference], tmp_path / "runs", workers=2, report=reports.append) == status
+    assert reports == ["2 runs: 2 finished before, 0 to run, 2 at a time "
+                       f"(logs: {tmp_path / 'runs'}/<run>/log.txt)"]
+
+
+def test_a_diverged_run_is_an_outcome_and_a_failed_run_is_retried(tmp_path, number_task):
+    diverging = translation_spec("diverging", number_task, learning_rate="1e30", extra=("--max_grad_norm", "0"))
+    failing = translation_spec("failing", number_task, extra=("--test_file", str(tmp_path / "missing")))
+    status = run_grid([failing, diverging], tmp_path / "runs", workers=2, report=lambda line: None)
+    assert status["diverging"] == "diverged"
+    outcome = read_outcome(tmp_path / "runs" / "diverging")
+    assert outcome["step"] >= 1 and not math.isfinite(float(outcome["loss"]))
+    assert outcome["command"].startswith("rskip-train-translation --train_file")
+    assert status["failing"].startswith("failed: error: ") and "missing" in status["failing"]
+    assert read_outcome(tmp_path / "runs" / "failing") is None
+    reports = []
+    run_grid([failing, diverging], tmp_path / "runs", workers=2, report=reports.append)
+    assert reports[0].startswith("2 runs: 1 finished before, 1 to run")
+
+
+def test_a_folder_of_other_settings_is_refused(tmp_path, number_task):
+    """Before any run starts: a changed grid definition must not mix its results with the old ones."""
+    spec = translation_spec("run", number_task)
+    (tmp_path / "runs" / "run").mkdir(parents=True)
+    (tmp_path / "runs" / "run" / "settings.json").write_text(json.dumps(spec.record()))
+    changed = translation_spec("run", number_task, steps=6)
+    with pytest.raises(TrainingError, match=r"runs/run holds a run of other settings than run now has"):
+        run_grid([changed], tmp_path / "runs", workers=1)
+
+
+def test_the_outcome_rule():
+    assert depth_map.outcome_of(float("nan"), 3.0, 6.0) == "diverges"
+    assert depth_map.outcome_of(None, 3.0, 6.0) == "diverges"
+    assert depth_map.outcome_of(6.5, 3.0, 6.0) == "diverges"
+    assert depth_map.outcome_of(3.0, 3.0, 6.0) == "stalls"
+    assert depth_map.outcome_of(2.9, 3.0, 6.0) == "trains"
+
+
+def test_the_depth_grid_at_the_tests_size_and_its_second_sitting(tmp_path, capsys):
+    output = tmp_path / "depth"
+    results = reproduce.main(["depth", "--mini", "--seeds", "1", "--output_dir", str(output)])
+    assert results["finished"] == results["planned"] == 2 * 2 * 3  # depths x regimes x variants
+    assert {row["outcome"] for row in results["rows"]} <= {"trains", "stalls", "diverges"}
+    assert all(0 <= row["test_exact"] <= 100 and row["converged_at_step"] in (2, 4) for row in results["rows"])
+    markdown = (output / "results.md").read_text()
+    assert "12 of 12 runs finished" in markdown and "(n=1)" in markdown
+    assert "| 2+2 | aggressive |" in markdown and "rskip_ln K=2 vs pre_ln" in markdown
+    for figure in results["figures"]:
+        assert (output / figure).stat().st_size > 0
+    capsys.readouterr()
+    again = reproduce.main(["depth", "--mini", "--seeds", "1", "--output_dir", str(output)])
+    assert "12 runs: 12 finished before, 0 to run" in capsys.readouterr().out
+    assert [row["test_exact"] for row in again["rows"]] == [row["test_exact"] for row in results["rows"]]
+    assert len(again["sittings"]) == 2
+
+
+def test_the_converged_cifar_grid_at_the_tests_size(tmp_path):
+    """On 48 CIFAR-10 images laid out as ../shared/data: 32 to train on, the last 16 to validate on."""
+    (tmp_path / "data" / "cifar10").mkdir(parents=True)
+    images = load_dataset("parquet", data_files=str(SHARED_DATA / "cifar10" / "train.parquet"), split="train[:48]")
+    images.to_parquet(str(tmp_path / "data" / "cifar10" / "train.parquet"))
+    output = tmp_path / "cifar"
+    results = reproduce.main(["cifar", "--converged", "--mini", "--seeds", "1", "--data_dir", str(tmp_path / "data"),
+                              "--output_dir", str(output)])
+    assert [row["variant"] for row in results["rows"]] == ["plain", "rskip_ln K=2"]
+    for row in results["rows"]:
+        assert row["top1"] == row["history"][-1]["top1"]
+        assert row["binomial_error"] == pytest.approx(100 * math.sqrt(row["top1"] / 100 * (1 - row["top1"] / 100) / 16))
+    assert "| rskip_ln K=2 | 1 of 1 |" in (output / "results.md").read_text()
