@@ -244,6 +244,7 @@ def test_sigterm_to_accelerate_launch_stops_every_process(tmp_path, cifar_parque
     import psutil
 
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--main_process_port", "0",  # a free port: tests may run side by side
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     process, output_dir = start_run(tmp_path, cifar_parquet, launcher)
     workers = [child for child in psutil.Process(process.pid).children(recursive=True)
@@ -294,6 +295,7 @@ def test_a_corrupt_training_row_is_named_by_its_row(tmp_path, cifar_parquet):  #
 
 def launch_two_processes(flags: list[str]) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--main_process_port", "0",  # a free port: tests may run side by side
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *flags]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)

@@ -44,6 +44,7 @@ def test_two_processes_train_as_one_process_accumulating_two_micro_batches(tmp_p
               "--checkpointing_steps", "4"]
     # `--cpu` would make `accelerate launch` start a single process: torchrun's launcher, told to stay on the CPU.
     command = [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--main_process_port", "0",  # a free port: tests may run side by side
                "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "rskip.commands.train_image_classification", *tiny_args(cifar_parquet, tmp_path / "ddp", *common)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300,

@@ -28,6 +28,7 @@ def test_two_processes_train_as_one_process_accumulating_two_micro_batches(tmp_p
     common = ["--config_overrides", "dropout=0.0", "--max_train_steps", "3", "--checkpointing_steps", "3"]
     # `--cpu` would make `accelerate launch` start a single process: torchrun's launcher, told to stay on the CPU.
     command = [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--main_process_port", "0",  # a free port: tests may run side by side
                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rskip.commands.train_translation",
                *tiny_args(data, tmp_path / "ddp", marian_tokenizer.name_or_path, *common)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300,
@@ -55,6 +56,7 @@ def test_fsdp2_trains_checkpoints_and_resumes(tmp_path, multi30k_dir, marian_tok
     """FSDP (version 2) over two CPU processes: sharded training, validation, checkpoints, resume, test."""
     data = write_pairs(tmp_path / "data", multi30k_dir)
     launch = [*ACCELERATE_LAUNCH, "--use_fsdp", "--fsdp_version", "2", "--num_processes", "2",
+              "--main_process_port", "0",  # a free port: tests may run side by side
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
               "--fsdp_transformer_layer_cls_to_wrap", "RSkipMarianEncoderLayer,RSkipMarianDecoderLayer",
