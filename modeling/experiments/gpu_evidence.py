@@ -35,6 +35,7 @@ import math
 import multiprocessing
 import os
 import sys
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -601,19 +602,32 @@ def worker(part: str, index: int, runs: list[dict], context: dict, connection, b
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        runner = PARTS[part](context, device)
+        try:
+            runner = PARTS[part](context, device)
+        except Exception:
+            barrier.abort()  # the others probe without waiting for this process
+            raise
         log(f"ready: {len(runs)} runs on {device}")
-        barrier.wait(timeout=max(1.0, context["deadline"] - time.time()))
+        try:
+            barrier.wait(timeout=max(1.0, context["deadline"] - time.time()))
+        except threading.BrokenBarrierError:
+            log("another process failed before the probe (see its log): probing without waiting for it")
         cost = runner.probe(costliest(runs), context["probe_updates"])
         log(f"probe: {cost.update_seconds * 1000:.1f} ms per update, {cost.fixed_seconds:.1f} s fixed")
         connection.send(("probe", asdict(cost)))
         plan = connection.recv()
         if plan["updates"] < 1:
             log("no update fits in this part's time: nothing trained")
-        else:
-            for run in runs:
-                if run["seed"] < plan["seeds"]:
-                    connection.send(("result", runner.train(run, plan["updates"], plan["deadline"], log)))
+        for run in runs:
+            # A run starts only if it can end, evaluation included, by the deadline; its training stops in time
+            # for its evaluation.
+            if plan["updates"] < 1 or run["seed"] >= plan["seeds"]:
+                continue
+            if time.time() + cost.fixed_seconds > plan["deadline"]:
+                log(f"{run['name']}: not started, the part's deadline is too near")
+                continue
+            connection.send(("result", runner.train(run, plan["updates"], plan["deadline"] - cost.fixed_seconds,
+                                                    log)))
     except Exception as error:  # reported as this process's failure; the other runs go on
         traceback.print_exc()
         connection.send(("error", f"{type(error).__name__}: {error}".splitlines()[0]))
@@ -663,7 +677,7 @@ def run_part(part: str, process_runs: list[list[dict]], context: dict, deadline:
             elif kind == "done":
                 done.add(index)
         waiting = [i for i in range(len(connections)) if i not in done and i not in probes]
-        if plan is None and not waiting:
+        if plan is None and probes and not waiting:
             planned_at = time.time()
             workers = [[(run["seed"], probes[i]) for run in process_runs[i]] for i in sorted(probes)]
             plan = choose_plan(workers, deadline - planned_at, MIN_UPDATES[part], max_seeds)
@@ -674,15 +688,20 @@ def run_part(part: str, process_runs: list[list[dict]], context: dict, deadline:
                 if i not in done:
                     connections[i].send({**asdict(plan), "deadline": deadline})
     for index, process in enumerate(processes):
-        process.join(timeout=1)
-        if process.is_alive():
+        if index not in done and process.is_alive():
             process.terminate()
             errors.setdefault(index, "still running at the part's deadline: ended")
+    for process in processes:
+        process.join(timeout=5)
     probe_table = [{"process": i, "runs": [run["name"] for run in process_runs[i]], **asdict(probes[i])}
                    for i in sorted(probes)]
+    finished = {run["name"] for run in results}
+    planned = [run["name"] for runs in process_runs for run in runs
+               if plan and plan.updates and run["seed"] < plan.seeds]
     return {"plan": asdict(plan) if plan else None, "probes": probe_table, "runs": results,
             "errors": [{"process": i, "runs": [run["name"] for run in process_runs[i]], "error": error}
                        for i, error in sorted(errors.items())],
+            "unfinished": [name for name in planned if name not in finished],
             "seconds": time.time() - context["part_started"]}
 
 
@@ -726,12 +745,14 @@ def cifar_summary(part: dict) -> list[dict]:
     rows = []
     runs = [run for run in part["runs"] if run.get("top1") is not None]
     plain = [run["top1"] for run in runs if run["variant"] == "plain"]
+    post_ln = [run["top1"] for run in runs if run["variant"] == "post_ln"]
     for variant in CIFAR_VARIANTS:
         top1 = [run["top1"] for run in runs if run["variant"] == variant]
         rows.append({"variant": variant, "seeds": len(top1), "top1": top1, "top1_text": fmt(top1),
                      "binomial_error": mean_std([run["top1_error"] for run in runs if run["variant"] == variant])[0],
                      "loss_text": fmt([run["loss"] for run in runs if run["variant"] == variant], 3),
-                     "against_plain": "—" if variant == "plain" else verdict(top1, plain)})
+                     "against_plain": "—" if variant == "plain" else verdict(top1, plain),
+                     "against_post_ln": verdict(top1, post_ln) if variant.startswith("rskip") else "—"})
     return rows
 
 
@@ -770,7 +791,7 @@ def write_markdown(results: dict, path: Path) -> None:
              ""]
     cifar = results["cifar"]
     lines += ["## CIFAR-10, " + results["settings"]["cifar_model"], ""]
-    if cifar.get("plan"):
+    if cifar.get("plan") and cifar["plan"]["updates"]:
         plan = cifar["plan"]
         lines += [f"{plan['seeds']} seeds x {plan['updates']} updates of {results['settings']['batch_size']} images "
                   f"({plan['updates'] * results['settings']['batch_size'] / max(1, cifar['train_images']):.1f} "
@@ -779,17 +800,18 @@ def write_markdown(results: dict, path: Path) -> None:
                                         f" **Below the floor of {MIN_UPDATES['cifar']} updates: too short to be "
                                         "evidence.**"), "",
                   "| variant | seeds | validation top-1 (%) | binomial error of one run | validation loss | "
-                  "against plain |", "|---|---|---|---|---|---|"]
+                  "against plain | against post_ln |", "|---|---|---|---|---|---|---|"]
         for row in cifar["summary"]:
-            lines.append(f"| {row['variant']} | {row['seeds']} | {row['top1_text']} | ± {row['binomial_error']:.2f} | "
-                         f"{row['loss_text']} | {row['against_plain']} |")
+            error = "—" if math.isnan(row["binomial_error"]) else f"± {row['binomial_error']:.2f}"
+            lines.append(f"| {row['variant']} | {row['seeds']} | {row['top1_text']} | {error} | "
+                         f"{row['loss_text']} | {row['against_plain']} | {row['against_post_ln']} |")
     else:
-        lines.append("Not run: " + cifar.get("skipped", "no plan"))
+        lines.append("Not run: " + not_run(cifar))
     lines += notes_of(cifar)
     depth = results["depth_map"]
     width = results["settings"]["width"]
     lines += ["", f"## Depth map, width {width['d_model']} (FFN {width['ffn_dim']}, {width['heads']} heads)", ""]
-    if depth.get("plan"):
+    if depth.get("plan") and depth["plan"]["updates"]:
         plan = depth["plan"]
         lines += [f"{plan['seeds']} seeds x {plan['updates']} updates of at most {TOKENS_PER_BATCH} tokens."
                   + ("" if plan["enough"] else f" **Below the floor of {MIN_UPDATES['depth']} updates: too short "
@@ -806,14 +828,22 @@ def write_markdown(results: dict, path: Path) -> None:
             lines.append(f"| {row['depth']}+{row['depth']} | {row['regime']} | {cells} | {row['rskip_vs_post_ln']} | "
                          f"{row['rskip_vs_pre_ln']} |")
     else:
-        lines.append("Not run: " + depth.get("skipped", "no plan"))
+        lines.append("Not run: " + not_run(depth))
     lines += notes_of(depth)
     lines += ["", "## Notes", ""] + [f"- {note}" for note in results["notes"]]
     path.write_text("\n".join(lines) + "\n")
 
 
+def not_run(part: dict) -> str:
+    if part.get("skipped"):
+        return part["skipped"]
+    if part.get("plan"):
+        return "after the probe, not one update fitted in the part's time."
+    return "no process reached the probe (see below and logs/)."
+
+
 def notes_of(part: dict) -> list[str]:
-    lines = []
+    lines = [f"- {name}: planned, but not finished within the budget" for name in part.get("unfinished", [])]
     for error in part.get("errors", []):
         lines.append(f"- process {error['process']} ({', '.join(error['runs'])}): **{error['error']}**")
     for run in part.get("runs", []):
