@@ -56,11 +56,15 @@ import importlib.metadata as metadata
 import importlib.util
 import sys
 from pathlib import Path
-from packaging.requirements import Requirement
+try:
+    from packaging.requirements import Requirement
+except ImportError:
+    sys.exit("gpu_evidence: packaging is missing: carry the wheels (scripts/gpu_evidence_pack.sh without --no_wheels)")
+import tomllib
 carried = Path(sys.argv[1]).read_text().split() if Path(sys.argv[1]).is_file() else []
 # rskip's own range for what the models need (pyproject.toml), then each carried wheel at its exact version.
-for requirement in ["transformers>=5.24,<5.26", "timm>=1.0.31,<1.1", *carried]:
-    requirement = Requirement(requirement)
+declared = [Requirement(line) for line in tomllib.loads(Path("pyproject.toml").read_text())["project"]["dependencies"]]
+for requirement in [*(r for r in declared if r.name in ("transformers", "timm")), *map(Requirement, carried)]:
     try:
         installed = metadata.version(requirement.name)
     except metadata.PackageNotFoundError:

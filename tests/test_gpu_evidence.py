@@ -158,8 +158,8 @@ def test_processes_that_cannot_load_their_data_end_the_part_at_once(fake_part):
 
 def test_a_run_still_going_at_the_deadline_is_ended_and_reported_unfinished(fake_part):
     started = time.time()
-    part = fake_part([runs_named("good"), runs_named("hangs")], seconds=3)
-    assert time.time() - started < 3 + 2 + 6  # the deadline, the grace, the joins
+    part = fake_part([runs_named("good"), runs_named("hangs")], seconds=2)
+    assert time.time() - started < 2 + 2 + 6  # the deadline, the grace, the joins
     assert sorted(run["name"] for run in part["runs"]) == ["good seed 0", "good seed 1"]
     assert part["errors"][0]["error"] == "still running at the part's deadline: ended"
     assert part["unfinished"] == ["hangs seed 0", "hangs seed 1"]
@@ -277,8 +277,6 @@ def test_a_missing_or_damaged_carry_is_one_line_naming_the_file(carry, tmp_path)
     (damaged / "numbers.json").write_bytes(bytes(data))
     with pytest.raises(CarryError, match="numbers.json does not match its SHA-256"):
         check_carry(damaged)
-    with pytest.raises(CarryError, match="holds no wheels"):
-        check_carry(carry, needs_wheels=True)
 
 
 def test_the_script_stops_at_once_when_nothing_was_carried(tmp_path):
@@ -291,10 +289,22 @@ def test_the_script_stops_at_once_when_nothing_was_carried(tmp_path):
     assert len(lines) == 1 and "manifest.json: run scripts/gpu_evidence_pack.sh" in lines[0], completed.stderr
 
 
+def test_the_gpu_side_imports_nothing_the_carry_leaves_out(run_python):
+    """The GPU machine has torch, torchvision, numpy and PIL, and gets rskip's model dependencies as wheels: the GPU
+    side must not import the training library's dependencies, SentencePiece or Accelerate (matplotlib is optional)."""
+    run_python("""
+import sys
+for name in ("datasets", "pyarrow", "evaluate", "sacrebleu", "sentencepiece", "accelerate", "matplotlib"):
+    sys.modules[name] = None  # importing them fails from here on
+from rskip.experiments import gpu_evidence
+assert gpu_evidence.parse_args(["out"]).budget_minutes == 8
+""")
+
+
 # ------------------------------------------------------------------------------------------------- end to end
 
 def test_the_script_finishes_within_its_budget_and_writes_every_result(carry, tmp_path):
-    budget_minutes = 0.6
+    budget_minutes = 0.5
     output = tmp_path / "evidence"
     started = time.monotonic()
     completed = subprocess.run(["bash", str(REPO / "scripts" / "gpu_evidence.sh"), str(output), "--budget_minutes",

@@ -30,19 +30,36 @@ the schedule's length is chosen from timings alone.
 Writes OUTPUT_DIR/results.md, results.json, cifar_top1.png, cifar_training_loss.png, depth_map.png and logs/.
 """
 
+import contextlib
+import hashlib
+import importlib.metadata
+import io
 import json
 import math
 import multiprocessing
 import os
 import sys
+import tempfile
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from multiprocessing import forkserver
 from multiprocessing.connection import wait
 from pathlib import Path
 
+import PIL.Image
+import timm
+import torch
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from transformers import get_scheduler
+
 from ..command_line import COUNT, POSITIVE, CommandParser, bounded, output_folder
+from ..configuration_rskip_marian import RSkipMarianConfig
+from ..modeling_rskip_marian import RSkipMarianMTModel
+from ..skip_options import ResNetSkipOptions
 from .summaries import binomial_error, fmt, mean_std, verdict
 
 CARRY = ".cache/gpu-evidence"
@@ -74,7 +91,8 @@ def parse_args(argv=None):
                         "(where the GPU machine had no matplotlib).")
     parser.add_argument("--device", default=None, help="torch device (default: cuda where present, else cpu).")
     parser.add_argument("--seeds", type=bounded(int, MIN_SEEDS), default=3, help="At most this many seeds per cell.")
-    parser.add_argument("--parallel", type=COUNT, default=16, help="Processes side by side on the device.")
+    parser.add_argument("--parallel", type=COUNT, default=16,
+                        help="Processes side by side on the device (the depth map has at least one per depth).")
     parser.add_argument("--cifar_share", type=bounded(float, 0, 1, low_open=True, high_open=True), default=0.5,
                         help="The CIFAR part's share of the time; the depth map has the rest.")
     parser.add_argument("--probe_updates", type=COUNT, default=20, help="Timed updates of the throughput probe.")
@@ -158,10 +176,8 @@ class CarryError(Exception):
     """What was carried is missing or damaged: one line says what and how to make it."""
 
 
-def check_carry(folder: Path, needs_wheels: bool = False) -> dict:
+def check_carry(folder: Path) -> dict:
     """The carry's manifest, after checking that its files are there with their sizes and SHA-256 (seconds)."""
-    import hashlib
-
     remedy = "run scripts/gpu_evidence_pack.sh here and carry its folder"
     manifest_file = folder / "manifest.json"
     if not manifest_file.is_file():
@@ -176,20 +192,12 @@ def check_carry(folder: Path, needs_wheels: bool = False) -> dict:
             raise CarryError(f"{path} is missing or not {expected['bytes']} bytes: {remedy}")
         if hashlib.sha256(path.read_bytes()).hexdigest() != expected["sha256"]:
             raise CarryError(f"{path} does not match its SHA-256 in the manifest: {remedy}")
-    if needs_wheels and not manifest.get("wheels"):
-        raise CarryError(f"{folder} holds no wheels: {remedy} (without --no_wheels)")
     return manifest
 
 
 def decode_cifar(carry: Path, destination: Path) -> dict:
     """The carried JPEGs decoded (with PIL, threads) into one uint8 tensor (N, 3, 32, 32) and its labels, saved to
     `destination` for the runs' processes to load onto the device."""
-    import io
-    from concurrent.futures import ThreadPoolExecutor
-
-    import PIL.Image
-    import torch
-
     packed = torch.load(carry / "cifar10.pt", weights_only=True)
     header, scans = bytes(packed["jpeg_header"].numpy()), packed["jpeg_scans"].numpy()
     offsets = packed["offsets"].tolist()
@@ -212,9 +220,6 @@ def decode_cifar(carry: Path, destination: Path) -> dict:
 def augment(images, generator, padding: int = 4):
     """He et al.'s augmentation of a uint8 batch (N, C, H, W), on its device: zero-pad by `padding`, crop a random
     H x W window, flip half the images horizontally."""
-    import torch
-    import torch.nn.functional as F
-
     count, channels, height, width = images.shape
     padded = F.pad(images, (padding,) * 4)
     top = torch.randint(0, 2 * padding + 1, (count,), device=images.device, generator=generator)
@@ -231,8 +236,6 @@ class CifarRun:
     """One PreAct-ResNet on the decoded images, trained with the recipe above."""
 
     def __init__(self, context: dict, device):
-        import torch
-
         self.context, self.device = context, device
         data = torch.load(context["decoded"], weights_only=True)
         validation = context["validation_images"]
@@ -241,15 +244,9 @@ class CifarRun:
         self.train_count = len(self.labels) - validation
 
     def build(self, variant: str, seed: int):
-        import timm
-        import torch
-        from timm.optim import create_optimizer_v2
-
-        import rskip  # noqa: F401 (registers the rskip ResNets with timm)
-
         torch.manual_seed(seed)
         model = timm.create_model(self.context["cifar_model"], num_classes=10,
-                                  **rskip.ResNetSkipOptions(**CIFAR_VARIANTS[variant]).to_dict())
+                                  **ResNetSkipOptions(**CIFAR_VARIANTS[variant]).to_dict())
         model = model.to(self.device, memory_format=torch.channels_last)
         mean = torch.tensor(model.pretrained_cfg["mean"], device=self.device).view(1, 3, 1, 1) * 255
         std = torch.tensor(model.pretrained_cfg["std"], device=self.device).view(1, 3, 1, 1) * 255
@@ -259,14 +256,10 @@ class CifarRun:
         return model, optimizer, generator, (mean, std)
 
     def normalise(self, images, statistics):
-        import torch
-
         mean, std = statistics
         return ((images.float() - mean) / std).contiguous(memory_format=torch.channels_last)
 
     def batches(self, generator):
-        import torch
-
         batch = self.context["batch_size"]
         while True:
             order = torch.randperm(self.train_count, device=self.device, generator=generator)
@@ -274,8 +267,6 @@ class CifarRun:
                 yield order[start:start + batch]
 
     def step(self, model, optimizer, generator, statistics, indices):
-        import torch.nn.functional as F
-
         inputs = self.normalise(augment(self.images[indices], generator), statistics)
         with autocast(self.device):
             loss = F.cross_entropy(model(inputs).float(), self.labels[indices])
@@ -285,9 +276,6 @@ class CifarRun:
         return loss.detach()
 
     def evaluate(self, model, statistics) -> dict:
-        import torch
-        import torch.nn.functional as F
-
         model.eval()
         correct, loss_sum = 0, 0.0
         with torch.no_grad():
@@ -323,8 +311,6 @@ class CifarRun:
         return RunCost(update_seconds, built + time.perf_counter() - started)
 
     def train(self, run: dict, updates: int, deadline: float, log) -> dict:
-        import torch
-
         model, optimizer, generator, statistics = self.build(run["variant"], run["seed"])
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=updates, pct_start=0.15,
                                                        cycle_momentum=False)
@@ -378,8 +364,6 @@ def token_batches(lengths: list[int], max_tokens: int, generator) -> list[list[i
     """Indices in batches of at most `max_tokens` padded tokens (longest side times sentences), similar lengths
     together, ties and batch order random: `rskip-train-translation`'s batching (LengthBatchSampler, which lives
     with the training library's data dependencies)."""
-    import torch
-
     order = torch.randperm(len(lengths), generator=generator).tolist()
     order.sort(key=lambda index: lengths[index])
     batches, start = [], 0
@@ -404,10 +388,6 @@ class DepthRun:
         self.max_target = max(len(ids) for split in self.splits.values() for ids in split["target_ids"])
 
     def build(self, run: dict):
-        import torch
-
-        from rskip import RSkipMarianConfig, RSkipMarianMTModel
-
         width = self.context["width"]
         layers = run["depth"]
         config = dict(self.task["model_config"], d_model=width["d_model"], encoder_layers=layers,
@@ -430,8 +410,6 @@ class DepthRun:
         return model, optimizer
 
     def padded(self, split: str, indices: list[int]) -> dict:
-        import torch
-
         pad = self.task["pad_token_id"]
         sources = [self.splits[split]["source_ids"][i] for i in indices]
         targets = [self.splits[split]["target_ids"][i] for i in indices]
@@ -451,8 +429,6 @@ class DepthRun:
                 yield self.padded("train", indices)
 
     def loss(self, model, batch, label_smoothing: float):
-        import torch.nn.functional as F
-
         decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
         with autocast(self.device):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -461,8 +437,6 @@ class DepthRun:
                                label_smoothing=label_smoothing, reduction="sum"), (batch["labels"] != -100).sum()
 
     def step(self, model, optimizer, schedule, batch):
-        import torch
-
         loss_sum, tokens = self.loss(model, batch, 0.1)
         optimizer.zero_grad(set_to_none=True)
         (loss_sum / tokens).backward()
@@ -472,14 +446,10 @@ class DepthRun:
         return (loss_sum / tokens).detach()
 
     def schedule(self, optimizer, run: dict, updates: int):
-        from transformers import get_scheduler
-
         warmup = round(REGIMES[run["regime"]]["warmup_fraction"] * updates)
         return get_scheduler("inverse_sqrt", optimizer, num_warmup_steps=warmup, num_training_steps=updates)
 
     def evaluate(self, model) -> dict:
-        import torch
-
         model.eval()
         with torch.no_grad():
             valid = self.padded("valid", list(range(len(self.splits["valid"]["targets"]))))
@@ -498,8 +468,6 @@ class DepthRun:
                                                                "prediction": predictions[0]}}
 
     def probe(self, run: dict, updates: int) -> RunCost:
-        import torch
-
         started = time.perf_counter()
         model, optimizer = self.build(run)
         built = time.perf_counter() - started
@@ -518,8 +486,6 @@ class DepthRun:
         return RunCost(update_seconds, built + time.perf_counter() - started)
 
     def train(self, run: dict, updates: int, deadline: float, log) -> dict:
-        import torch
-
         model, optimizer = self.build(run)
         schedule = self.schedule(optimizer, run, updates)
         batches = self.epochs(torch.Generator().manual_seed(run["seed"]))
@@ -551,16 +517,10 @@ class DepthRun:
 
 def autocast(device):
     """bf16 autocast on a GPU; full precision on the CPU (the tests' device), where bf16 is slow."""
-    import contextlib
-
-    import torch
-
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def synchronize(device):
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -576,7 +536,6 @@ PRELOAD = ["torch", "rskip", "timm.optim", "transformers", "rskip.experiments.gp
 def start_method(device) -> str:
     method = START_METHODS.get(device.type, "forkserver")
     if method == "forkserver":  # started now, it imports PRELOAD while the main process decodes the images
-        from multiprocessing import forkserver
 
         multiprocessing.get_context(method).set_forkserver_preload(PRELOAD)
         forkserver.ensure_running()
@@ -595,8 +554,6 @@ def worker(part: str, index: int, runs: list[dict], context: dict, connection, b
         print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
 
     try:
-        import torch
-
         torch.set_num_threads(context["threads"])
         device = torch.device(context["device"])
         if device.type == "cuda":
@@ -921,10 +878,6 @@ def draw(results: dict, folder: Path) -> list[str]:
 
 
 def library_versions() -> str:
-    import importlib.metadata
-
-    import torch
-
     versions = [f"python {sys.version.split()[0]}", f"torch {torch.__version__}"]
     for name in ("transformers", "timm", "torchvision", "tokenizers"):
         try:
@@ -935,8 +888,6 @@ def library_versions() -> str:
 
 
 def device_description(device) -> str:
-    import torch
-
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)
         return f"{properties.name} ({properties.total_memory / 2**30:.0f} GiB), {os.cpu_count()} CPU cores"
@@ -955,18 +906,23 @@ def main(argv=None) -> dict | None:
         print("drew", ", ".join(draw(json.loads(results_file.read_text()), output)))
         return None
     started = args.started or time.time()
-    budget = args.budget_minutes * 60
-    finish_by = started + budget - max(1.0, RESERVE_FRACTION * budget)
     try:
         manifest = check_carry(Path(args.carry))
     except CarryError as error:
         sys.exit(f"gpu_evidence: {error}")
-
-    import torch
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.validation_images >= manifest["cifar10"]["images"]:
+        sys.exit(f"gpu_evidence: --validation_images {args.validation_images} leaves no training image of the "
+                 f"{manifest['cifar10']['images']} carried")
     output.mkdir(parents=True, exist_ok=True)
     (output / "logs").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="gpu-evidence-") as scratch:  # the decoded images: 150 MB
+        return run_evidence(args, manifest, started, output, Path(scratch))
+
+
+def run_evidence(args, manifest: dict, started: float, output: Path, scratch: Path) -> dict:
+    budget = args.budget_minutes * 60
+    finish_by = started + budget - max(1.0, RESERVE_FRACTION * budget)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     def say(line: str):
         print(f"[{time.time() - started:6.1f} s] {line}", flush=True)
@@ -976,20 +932,16 @@ def main(argv=None) -> dict | None:
         plotting()
         no_plots = None
     except ImportError as error:
-        no_plots = f"no PNGs here ({error}); draw them where matplotlib is installed: python -m " \
-                   f"rskip.experiments.gpu_evidence {output} --replot"
+        no_plots = (f"no PNGs here ({error}); draw them where matplotlib is installed: python -m "
+                    f"rskip.experiments.gpu_evidence {output} --replot")
     say(f"carry checked ({manifest['cifar10']['images']} images); device {device}")
-    decoded = output / "logs" / "cifar10-decoded.pt"  # removed at the end: 150 MB
-    cifar_data = decode_cifar(Path(args.carry), decoded)
+    cifar_data = decode_cifar(Path(args.carry), scratch / "cifar10-decoded.pt")
     say(f"decoded {cifar_data['images']} images")
-    if args.validation_images >= cifar_data["images"]:
-        sys.exit(f"gpu_evidence: --validation_images {args.validation_images} leaves no training image of the "
-                 f"{cifar_data['images']} carried")
     width = {"d_model": args.d_model, "ffn_dim": args.ffn_dim, "heads": args.heads}
     context = {"output_dir": str(output), "carry": str(Path(args.carry).resolve()), "device": str(device),
-               "decoded": str(decoded), "validation_images": args.validation_images, "batch_size": args.batch_size,
-               "cifar_model": args.cifar_model, "width": width, "probe_updates": args.probe_updates,
-               "budget_seconds": budget, "start_method": method,
+               "decoded": str(scratch / "cifar10-decoded.pt"), "validation_images": args.validation_images,
+               "batch_size": args.batch_size, "cifar_model": args.cifar_model, "width": width,
+               "probe_updates": args.probe_updates, "budget_seconds": budget, "start_method": method,
                "threads": 1 if device.type == "cpu" else max(1, (os.cpu_count() or 1) // args.parallel)}
     results = {"budget_minutes": args.budget_minutes, "device": device_description(device),
                "versions": library_versions(), "carry": {key: manifest[key] for key in ("cifar10", "numbers")},
@@ -1005,7 +957,6 @@ def main(argv=None) -> dict | None:
     cifar.update(summary=cifar_summary(cifar), train_images=cifar_data["images"] - args.validation_images,
                  validation_images=args.validation_images)
     results["cifar"] = cifar
-    decoded.unlink(missing_ok=True)
 
     say(f"depth map until {finish_by - started:.0f} s")
     depth = run_part("depth", depth_processes(args.depths, args.seeds, args.parallel),
