@@ -9,11 +9,11 @@
 #     scripts/gpu_evidence_pack.sh                     # here, once: writes .cache/gpu-evidence (about 40 MiB)
 #     scripts/gpu_evidence.sh OUTPUT_DIR [--budget_minutes 8] [...]   # there, carrying .cache/gpu-evidence
 #
-# Where the machine's transformers/timm are outside rskip's range, the carried wheels (exact versions, no index,
-# no dependencies) are installed into a private folder first; CIFAR-10 is carried whole (50,000 images as their
-# JPEG scans). OUTPUT_DIR receives results.md, results.json, cifar_top1.png, cifar_training_loss.png,
-# depth_map.png, gpu_evidence.log and logs/ (one log per process). The exit status is 2 when what it needs was not
-# carried (one line says what), else the Python part's.
+# The carried wheels (exact versions, no index, no dependencies) are installed into a private folder in front of the
+# machine's own packages (carried without wheels, the machine's transformers and timm must be in rskip's range);
+# CIFAR-10 is carried whole (50,000 images as their JPEG scans). OUTPUT_DIR receives results.md, results.json,
+# cifar_top1.png, cifar_training_loss.png, depth_map.png, gpu_evidence.log and logs/ (one log per process). The exit
+# status is 2 when what it needs was not carried (one line says what), else the Python part's.
 set -uo pipefail
 started=$(date +%s.%N)
 if [ $# -lt 1 ] || [[ $1 == -* ]]; then

@@ -4,9 +4,10 @@
    (2 where the budget cannot carry 3). The training images are decoded once into a uint8 tensor on the GPU and
    augmented there (4-pixel pad, random 32x32 crop, horizontal flip); bf16 autocast, channels_last; SGD with
    momentum 0.9, peak rate 0.1, weight decay 1e-4 (not on norms and biases, timm's optimizer), batches of 128, a
-   one-cycle schedule over the chosen number of updates (a short run needs its rate to fall to the end: a step or
-   inverse-square-root decay would stop mid-way). Validation: the last 5,000 training images; top-1 with its
-   binomial error and the seeds' spread.
+   one-cycle schedule over the chosen number of updates (from 0.004 up to 0.1 over the first 15%, then a cosine
+   down to nearly 0: a run of a few epochs needs its rate to fall to the end, where He et al.'s step decay assumes
+   164 epochs; the low start stands in for their warm-up of the 110-layer net). Validation: the last 5,000
+   training images; top-1 with its binomial error and the seeds' spread.
 2. The depth map at width 256 (d_model 256, FFN 1024, 4 heads): the number task of `make demo`, encoder-decoder
    depths 6+6, 12+12 and 24+24, a moderate (peak 1e-3, warm-up a sixth of the run) and an aggressive (peak 3e-3, no
    warm-up) regime, `post_ln`, `pre_ln` and `rskip_ln` K = 2, with `rskip-train-translation`'s recipe (batches of
