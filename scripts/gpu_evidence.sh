@@ -25,8 +25,13 @@ shift
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-python3}
 CARRY=$REPO/.cache/gpu-evidence
-for ((i = 1; i <= $#; i++)); do  # --carry FOLDER, if given, is read here too
-  if [ "${!i}" = "--carry" ]; then j=$((i + 1)); CARRY=$(cd "${!j}" 2>/dev/null && pwd) || CARRY=${!j}; fi
+for ((i = 1; i <= $#; i++)); do  # --carry FOLDER (or --carry=FOLDER), if given, is read here too
+  case ${!i} in
+    --carry) j=$((i + 1)); given=${!j} ;;
+    --carry=*) given=${!i#--carry=} ;;
+    *) continue ;;
+  esac
+  CARRY=$(cd "$given" 2>/dev/null && pwd) || CARRY=$given
 done
 cd "$REPO"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1

@@ -177,7 +177,11 @@ def main(argv=None) -> dict:
             old.unlink()
     if not args.no_wheels:
         wheels.mkdir(exist_ok=True)
-        manifest["wheels"] = download_wheels(wheels, Path(__file__).resolve().parents[2] / "constraints.txt")
+        try:
+            manifest["wheels"] = download_wheels(wheels, Path(__file__).resolve().parents[2] / "constraints.txt")
+        except subprocess.CalledProcessError:
+            sys.exit("gpu_evidence_pack: pip could not download the wheels (its message is above): PyPI must be "
+                     "reachable, or pack with --no_wheels for a machine whose libraries are in rskip's range")
     files = sorted(path for path in output.rglob("*") if path.is_file())
     manifest["files"] = {str(path.relative_to(output)): {"bytes": path.stat().st_size, "sha256": sha256(path)}
                          for path in files}
