@@ -43,17 +43,22 @@ if [ ! -f "$CARRY/manifest.json" ]; then
        "its folder (.cache/gpu-evidence)" >&2
   exit 2
 fi
-# rskip from this tree, and the carried wheels (when there are some) in front of the machine's own packages.
-SITE=$(mktemp -d)
-trap 'rm -rf "$SITE"' EXIT
-ln -s "$REPO/modeling" "$SITE/rskip"
+# rskip from this tree, and the carried wheels (when there are some) in front of the machine's own packages,
+# installed into .cache/gpu-evidence-site and kept there for the next run with the same wheels and Python (removing
+# them takes seconds that the budget would not see).
+SITE=$REPO/.cache/gpu-evidence-site
+mkdir -p "$SITE/rskip-path" && ln -sfn "$REPO/modeling" "$SITE/rskip-path/rskip"
+export PYTHONPATH="$SITE/rskip-path${PYTHONPATH:+:$PYTHONPATH}"
 if [ -f "$CARRY/wheels/requirements.txt" ]; then
-  "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --target "$SITE/wheels" \
-    --find-links "$CARRY/wheels" -r "$CARRY/wheels/requirements.txt" || {
-    echo "gpu_evidence: installing the carried wheels failed (above)" >&2; exit 2; }
-  export PYTHONPATH="$SITE:$SITE/wheels${PYTHONPATH:+:$PYTHONPATH}"
-else
-  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  stamp="$(cat "$CARRY/wheels/requirements.txt"; "$PYTHON" -c 'import sys; print(sys.version)')"
+  if [ "$stamp" != "$(cat "$SITE/installed" 2>/dev/null)" ]; then
+    rm -rf "$SITE/wheels" "$SITE/installed"
+    "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --target "$SITE/wheels" \
+      --find-links "$CARRY/wheels" -r "$CARRY/wheels/requirements.txt" || {
+      echo "gpu_evidence: installing the carried wheels failed (above)" >&2; exit 2; }
+    echo "$stamp" > "$SITE/installed"
+  fi
+  export PYTHONPATH="$SITE/rskip-path:$SITE/wheels${PYTHONPATH#"$SITE/rskip-path"}"
 fi
 "$PYTHON" - "$CARRY/wheels/requirements.txt" <<'PY' || exit 2
 # Metadata only (a fraction of a second): the imports themselves happen once, in the runs' fork server.

@@ -21,12 +21,13 @@ processes keep the GPU fed from 16 cores, need no change to the models or the tr
 takes no other down. (CUDA streams in one process share one Python interpreter's launch rate.)
 
 The budget: the time since the shell script started (installing the wheels included) counts. A reserve of 8% of
-the budget is kept for writing the results; of the rest, the CIFAR part gets `--cifar_share` (half by default) and
-the depth map whatever is left when the CIFAR part ends. In each part the runs' processes start, load their data,
-wait for each other and then all probe their model together (a few updates and one evaluation, timed under the
-same sharing of the GPU as the runs), and `choose_plan` picks the seeds and the number of updates that fit the
-part's time with a 10% margin; a run past its part's deadline stops and says so. Nothing is tuned on a test split:
-the schedule's length is chosen from timings alone.
+the budget (at least 5 s) is kept for writing the results and exiting; of the rest, the CIFAR part gets
+`--cifar_share` (half by default) and the depth map whatever is left when the CIFAR part ends. In each part the
+runs' processes start, load their data, wait for each other and then all probe their model together (a few updates
+and one evaluation, timed under the same sharing of the GPU as the runs), and `choose_plan` picks the seeds and the
+number of updates that fit the part's time with a 10% margin; a run stops in time for its evaluation if the part's
+deadline comes first, and says so. Nothing is tuned on a test split: the schedule's length is chosen from timings
+alone.
 
 Writes OUTPUT_DIR/results.md, results.json, cifar_top1.png, cifar_training_loss.png, depth_map.png and logs/.
 """
@@ -75,7 +76,8 @@ REGIMES = {"moderate": {"learning_rate": 1e-3, "warmup_fraction": 1 / 6},
 MIN_SEEDS = 2
 # Below these numbers of updates a run is reported as too short to be evidence (the figures are still shown).
 MIN_UPDATES = {"cifar": 2000, "depth": 500}
-RESERVE_FRACTION = 0.08  # of the budget, for collecting and writing the results
+# Of the budget, for collecting and writing the results and for the processes' exit (seconds on a busy machine).
+RESERVE_FRACTION, RESERVE_SECONDS = 0.08, 5.0
 PLAN_MARGIN = 0.10  # of a part's time, for what the probe did not see
 CIFAR_BATCH = 128
 TOKENS_PER_BATCH = 2048
@@ -599,7 +601,7 @@ def run_part(part: str, process_runs: list[list[dict]], context: dict, deadline:
     """Starts one process per list of runs, collects their probes, chooses the plan, sends it and collects the
     results until `deadline` (processes still running a little after it are ended and their runs reported as
     unfinished)."""
-    if deadline - time.time() < 1:
+    if deadline - time.time() < max(2.0, 0.02 * context["budget_seconds"]):  # not even the processes' start
         say(f"{part}: no time left; not run")
         return {"plan": None, "skipped": "no time left in the budget", "probes": [], "runs": [], "errors": [],
                 "seconds": 0.0}
@@ -922,7 +924,7 @@ def main(argv=None) -> dict | None:
 
 def run_evidence(args, manifest: dict, started: float, output: Path, scratch: Path) -> dict:
     budget = args.budget_minutes * 60
-    finish_by = started + budget - max(1.0, RESERVE_FRACTION * budget)
+    finish_by = started + budget - max(RESERVE_SECONDS, RESERVE_FRACTION * budget)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     def say(line: str):
