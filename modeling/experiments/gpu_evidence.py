@@ -402,6 +402,8 @@ class DepthRun:
         model = RSkipMarianMTModel(RSkipMarianConfig(
             **config, **DEPTH_VARIANTS[run["variant"]], vocab_size=self.vocab_size, pad_token_id=pad,
             eos_token_id=eos, decoder_start_token_id=pad, forced_eos_token_id=eos, max_position_embeddings=512))
+        # rskip-train-translation's beam of 4; an output longer than the longest reference cannot match, so
+        # generation stops there (an untrained model would otherwise run to the position limit).
         model.generation_config.update(num_beams=4, max_new_tokens=self.max_target + 1, max_length=None,
                                        decoder_start_token_id=pad, eos_token_id=eos, pad_token_id=pad,
                                        forced_eos_token_id=eos, bad_words_ids=[[pad]])
