@@ -19,6 +19,7 @@ import demo
 from conftest import REPO
 from rskip.commands import (COMMANDS as INSTALLED_COMMANDS, benchmark, benchmark_deploy, compare_runs, export,
                             model_card, push_to_hub, reproduce)
+from rskip.experiments import gpu_evidence, gpu_evidence_pack
 from rskip.training.cli import parse_image_classification_args, parse_trainer_args, parse_translation_args
 
 
@@ -133,6 +134,15 @@ COMMANDS = [
             numbers(("--vocab_size", "100", "15"), ("--num_beams", "2", "inf"), ("--batch_sizes", "1,4", "1,x"),
                     ("--source_length", "8", "inf"), ("--new_tokens", "8", "inf"), ("--image_size", "64", "31"),
                     ("--repeats", "2", "inf"), ("--threads", "1", "257"))),
+    # scripts/gpu_evidence.sh and scripts/gpu_evidence_pack.sh pass their flags on to these modules.
+    Command("gpu_evidence", gpu_evidence.parse_args, [*MODULE, "rskip.experiments.gpu_evidence"], ["out"], numbers(
+        ("--budget_minutes", "8", "inf"), ("--started", "1700000000", "inf"), ("--seeds", "3", "1"),
+        ("--parallel", "16", "inf"), ("--cifar_share", "0.5", "1"), ("--probe_updates", "20", "inf"),
+        ("--validation_images", "5000", "inf"), ("--batch_size", "128", "inf"), ("--depths", "6", "inf"),
+        ("--d_model", "256", "inf"), ("--ffn_dim", "1024", "inf"), ("--heads", "4", "inf"))),
+    Command("gpu_evidence_pack", gpu_evidence_pack.parse_args, [*MODULE, "rskip.experiments.gpu_evidence_pack"], [],
+            numbers(("--max_images", "100", "inf"), ("--number_train_size", "100", "inf"),
+                    ("--number_eval_size", "10", "inf"))),
     Command("train_translation", parse_translation_args, [*MODULE, "rskip.commands.train_translation"],
             TRANSLATION_BASE, TRANSLATION_NUMBERS),
     Command("train_image_classification", parse_image_classification_args,
