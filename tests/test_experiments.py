@@ -13,7 +13,7 @@ from conftest import SHARED_DATA
 from datasets import load_dataset
 
 from rskip.commands import reproduce
-from rskip.experiments import depth_map
+from rskip.experiments.depth_rules import divergence_threshold, outcome_of, unigram_loss
 from rskip.experiments.number_task import prepare_number_task
 from rskip.experiments.runner import RunSpec, read_outcome, run_grid
 from rskip.training import TrainingError
@@ -99,12 +99,15 @@ def test_a_folder_of_other_settings_is_refused(tmp_path, number_task):
         run_grid([changed], tmp_path / "runs", workers=1)
 
 
-def test_the_outcome_rule():
-    assert depth_map.outcome_of(float("nan"), 3.0, 6.0) == "diverges"
-    assert depth_map.outcome_of(None, 3.0, 6.0) == "diverges"
-    assert depth_map.outcome_of(6.5, 3.0, 6.0) == "diverges"
-    assert depth_map.outcome_of(3.0, 3.0, 6.0) == "stalls"
-    assert depth_map.outcome_of(2.9, 3.0, 6.0) == "trains"
+def test_the_unigram_loss_and_the_outcome_rule():
+    assert unigram_loss([[0, 0, 1]], [[0, 1]], vocab_size=2) == pytest.approx(-(math.log(3 / 5) + math.log(2 / 5)) / 2)
+    stalled_above, diverged_above = 3.0, divergence_threshold(100)
+    assert diverged_above == pytest.approx(math.log(100) + 1)
+    assert outcome_of(2.9, stalled_above, diverged_above) == "trains"
+    assert outcome_of(3.0, stalled_above, diverged_above) == "stalls"
+    assert outcome_of(diverged_above + 0.01, stalled_above, diverged_above) == "diverges"
+    assert outcome_of(float("nan"), stalled_above, diverged_above) == "diverges"
+    assert outcome_of(None, stalled_above, diverged_above) == "diverges"
 
 
 def test_the_depth_grid_at_the_tests_size_and_its_second_sitting(tmp_path, capsys):

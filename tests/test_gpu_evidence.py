@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 from conftest import REPO, SHARED_DATA
 from rskip.experiments import gpu_evidence, gpu_evidence_pack
 from rskip.experiments.gpu_evidence import (CarryError, Plan, RunCost, assign_workers, augment, check_carry,
-                                            choose_plan, cifar_processes, costliest, depth_processes, outcome,
-                                            token_batches, unigram_loss)
+                                            choose_plan, cifar_processes, costliest, depth_processes,
+                                            token_batches)
+from rskip.experiments.depth_rules import unigram_loss
 
 CIFAR = SHARED_DATA / "cifar10" / "train.parquet"
 TINY = ["--device", "cpu", "--cifar_model", "preact_resnet20", "--validation_images", "100", "--batch_size", "16",
@@ -186,16 +187,6 @@ def test_token_batches_hold_every_pair_once_within_the_token_limit():
     assert sorted(index for batch in batches for index in batch) == list(range(len(lengths)))
     assert all(max(lengths[i] for i in batch) * len(batch) <= 24 for batch in batches)
     assert batches == token_batches(lengths, 24, torch.Generator().manual_seed(0))
-
-
-def test_the_unigram_loss_and_the_outcome_rule():
-    assert unigram_loss([[0, 0, 1]], [[0, 1]], vocab_size=2) == pytest.approx(-(math.log(3 / 5) + math.log(2 / 5)) / 2)
-    unigram, vocab = 3.0, 100
-    assert outcome(2.0, False, vocab, unigram) == "trains"
-    assert outcome(3.0, False, vocab, unigram) == "stalls"
-    assert outcome(math.log(vocab) + 1.01, False, vocab, unigram) == "diverges"
-    assert outcome(float("nan"), False, vocab, unigram) == "diverges"
-    assert outcome(2.0, True, vocab, unigram) == "diverges"
 
 
 @pytest.fixture

@@ -62,6 +62,7 @@ from ..command_line import COUNT, POSITIVE, CommandParser, bounded, output_folde
 from ..configuration_rskip_marian import RSkipMarianConfig
 from ..modeling_rskip_marian import RSkipMarianMTModel
 from ..skip_options import ResNetSkipOptions
+from .depth_rules import REGIMES, divergence_threshold, outcome_of, unigram_loss
 from .summaries import binomial_error, fmt, mean_std, verdict
 
 CARRY = ".cache/gpu-evidence"
@@ -71,8 +72,6 @@ CIFAR_VARIANTS = {"plain": {"skip_variant": "plain"}, "post_ln": {"skip_variant"
                   "rskip_ln K=3": {"skip_variant": "rskip_ln", "skip_recursions": 3}}
 DEPTH_VARIANTS = {"post_ln": {"skip_variant": "post_ln"}, "pre_ln": {"skip_variant": "pre_ln"},
                   "rskip_ln K=2": {"skip_variant": "rskip_ln", "skip_recursions": 2}}
-REGIMES = {"moderate": {"learning_rate": 1e-3, "warmup_fraction": 1 / 6},
-           "aggressive": {"learning_rate": 3e-3, "warmup_fraction": 0.0}}
 MIN_SEEDS = 2
 # Below these numbers of updates a run is reported as too short to be evidence (the figures are still shown).
 MIN_UPDATES = {"cifar": 2000, "depth": 500}
@@ -343,26 +342,6 @@ class CifarRun:
 
 # ------------------------------------------------------------------------------------------ depth-map runs
 
-def unigram_loss(train_targets: list[list[int]], eval_targets: list[list[int]], vocab_size: int) -> float:
-    """The per-token cross-entropy on `eval_targets` of a model that knows only the training targets' token
-    frequencies (add-one smoothed over the vocabulary, so that an unseen token costs a finite loss)."""
-    counts = [1] * vocab_size
-    for ids in train_targets:
-        for token in ids:
-            counts[token] += 1
-    total = sum(counts)
-    tokens = [token for ids in eval_targets for token in ids]
-    return -sum(math.log(counts[token] / total) for token in tokens) / len(tokens)
-
-
-def outcome(final_loss: float, diverged: bool, vocab_size: int, unigram: float) -> str:
-    """diverges (a non-finite loss, or a final validation loss above ln(vocab) + 1), stalls (not below the unigram
-    model's loss) or trains."""
-    if diverged or not math.isfinite(final_loss) or final_loss > math.log(vocab_size) + 1:
-        return "diverges"
-    return "stalls" if final_loss >= unigram else "trains"
-
-
 def token_batches(lengths: list[int], max_tokens: int, generator) -> list[list[int]]:
     """Indices in batches of at most `max_tokens` padded tokens (longest side times sentences), similar lengths
     together, ties and batch order random: `rskip-train-translation`'s batching (LengthBatchSampler, which lives
@@ -408,9 +387,9 @@ class DepthRun:
                                        decoder_start_token_id=pad, eos_token_id=eos, pad_token_id=pad,
                                        forced_eos_token_id=eos, bad_words_ids=[[pad]])
         model.to(self.device)
-        regime = REGIMES[run["regime"]]
+        learning_rate, _ = REGIMES[run["regime"]]
         # rskip-train-translation's defaults: no weight decay, epsilon 1e-9.
-        optimizer = torch.optim.AdamW(model.parameters(), lr=regime["learning_rate"], betas=(0.9, 0.98), eps=1e-9,
+        optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.98), eps=1e-9,
                                       weight_decay=0.0)
         return model, optimizer
 
@@ -451,7 +430,8 @@ class DepthRun:
         return (loss_sum / tokens).detach()
 
     def schedule(self, optimizer, run: dict, updates: int):
-        warmup = round(REGIMES[run["regime"]]["warmup_fraction"] * updates)
+        _, warmup_fraction = REGIMES[run["regime"]]
+        warmup = round(warmup_fraction * updates)
         return get_scheduler("inverse_sqrt", optimizer, num_warmup_steps=warmup, num_training_steps=updates)
 
     def evaluate(self, model) -> dict:
@@ -512,7 +492,8 @@ class DepthRun:
                 stopped = f"stopped at update {update} of {updates}: the part's deadline"
                 break
         scores = self.evaluate(model)
-        scores["outcome"] = outcome(scores["valid_loss"], diverged, self.vocab_size, self.unigram)
+        scores["outcome"] = "diverges" if diverged else outcome_of(
+            scores["valid_loss"], self.unigram, divergence_threshold(self.vocab_size))
         log(f"{run['name']} valid loss {scores['valid_loss']:.4f} exact match {scores['exact_match']:.1f}% "
             f"{scores['outcome']}")
         return {**run, **scores, "updates": updates, "updates_done": update, "stopped": stopped,
