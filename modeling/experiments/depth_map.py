@@ -8,14 +8,13 @@ finished seeds shown per cell.
 
 import json
 import math
-import statistics
 from collections import Counter
 from pathlib import Path
 
 from ..training.reporting import plot_curves
 from .number_task import prepare_number_task
 from .runner import RunSpec, read_outcome
-from .summaries import fmt, mean_std, verdict
+from .summaries import fmt, mean_std, outcome_of, unigram_loss, verdict
 from .variants import STABILITY_VARIANTS, folder_label
 
 VARIANTS = STABILITY_VARIANTS
@@ -64,28 +63,6 @@ def prepare(preset: dict, output_dir: Path, data_dir: Path | None = None) -> tup
     return prepare_number_task(output_dir, train_size=preset["train_size"], eval_size=preset["eval_size"])
 
 
-def unigram_loss(tokenizer_dir: Path, data: Path) -> float:
-    """The validation cross-entropy per target token of a model that has learned the target tokens' frequencies
-    (from the training data) and nothing else: the line between a run that stalls and one that trains."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    train = (data / "train.de").read_text().splitlines()
-    valid = (data / "valid.de").read_text().splitlines()
-    counts = Counter(token for ids in tokenizer(text_target=train)["input_ids"] for token in ids)
-    total = sum(counts.values())
-    tokens = [token for ids in tokenizer(text_target=valid)["input_ids"] for token in ids]
-    return -statistics.fmean(math.log((counts[token] + 1) / (total + len(tokenizer))) for token in tokens)
-
-
-def outcome_of(final_loss: float | None, stalled_above: float, diverged_above: float) -> str:
-    """diverges: a non-finite loss, or a final validation loss above `diverged_above` (clearly worse than
-    uniform); stalls: not below `stalled_above` (what the target tokens' frequencies alone give); trains: below."""
-    if final_loss is None or not math.isfinite(final_loss) or final_loss > diverged_above:
-        return "diverges"
-    return "stalls" if final_loss >= stalled_above else "trains"
-
-
 def summarise_run(spec: RunSpec, folder: Path, references: list[str], stalled_above: float,
                   diverged_above: float) -> dict | None:
     """One finished run's row (None while unfinished)."""
@@ -111,7 +88,8 @@ def summarise(preset: dict, seeds: int, output_dir: Path, specs: list[RunSpec]) 
     """Tables and plots of the finished runs, rebuilt from their folders."""
     data, tokenizer = output_dir / "data", output_dir / "tokenizer"
     references = (data / "test.de").read_text().splitlines()
-    stalled_above = unigram_loss(tokenizer, data)
+    stalled_above = unigram_loss(tokenizer, (data / "train.de").read_text().splitlines(),
+                                 (data / "valid.de").read_text().splitlines())
     diverged_above = math.log(json.loads((tokenizer / "vocab.json").read_text()).__len__()) + 1.0
     rows = [row for spec in specs
             if (row := summarise_run(spec, output_dir / "runs" / spec.name, references, stalled_above,
@@ -206,4 +184,4 @@ def plot_by_depth_with_spread(rows: list[dict], depths: list[int], key: str, yla
     return path
 
 
-__all__ = ["PRESETS", "REGIMES", "VARIANTS", "outcome_of", "prepare", "run_specs", "summarise", "unigram_loss"]
+__all__ = ["PRESETS", "REGIMES", "VARIANTS", "prepare", "run_specs", "summarise"]
