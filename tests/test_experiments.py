@@ -1,21 +1,25 @@
 """rskip.experiments: a grid of runs completed over several sittings, and the two grids of `rskip-reproduce`
 (`depth`, `cifar --converged`) at the tests' size."""
 
+import hashlib
 import json
 import math
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import SHARED_DATA
 from datasets import load_dataset
 
 from rskip.commands import reproduce
+from rskip.experiments import cifar_converged, depth_map
 from rskip.experiments.depth_rules import divergence_threshold, outcome_of, unigram_loss
 from rskip.experiments.number_task import prepare_number_task
 from rskip.experiments.runner import RunSpec, read_outcome, run_grid
+from rskip.experiments.summaries import mean_history
 from rskip.training import TrainingError
 
 
@@ -108,6 +112,37 @@ def test_the_unigram_loss_and_the_outcome_rule():
     assert outcome_of(diverged_above + 0.01, stalled_above, diverged_above) == "diverges"
     assert outcome_of(float("nan"), stalled_above, diverged_above) == "diverges"
     assert outcome_of(None, stalled_above, diverged_above) == "diverges"
+
+
+def test_mean_history_averages_the_steps_every_seed_reached():
+    histories = [[{"step": 1, "loss": 4.0, "bleu": 1.0}, {"step": 2, "loss": 2.0, "bleu": float("nan")}],
+                 [{"step": 1, "loss": 6.0, "bleu": 3.0}, {"step": 2, "loss": 4.0, "bleu": 5.0}, {"step": 3, "loss": 1.0}]]
+    assert mean_history(histories) == [{"step": 1, "loss": 5.0, "bleu": 2.0}, {"step": 2, "loss": 3.0, "bleu": 5.0}]
+    assert mean_history([]) == []
+
+
+def test_the_grids_in_progress_keep_their_run_definitions():
+    """A grid is completed over several sittings, so a change of code must not change the runs of depth and cifar
+    --converged (the runner would refuse their folders): their specs, byte for byte, as when they were started."""
+    depth = [spec for name in ("mini", "quick")
+             for spec in depth_map.run_specs(depth_map.PRESETS[name], 3, Path("task/data"), Path("task/tokenizer"))]
+    converged = [spec for name in ("mini", "quick") for spec in cifar_converged.run_specs(
+        cifar_converged.PRESETS[name], 2, Path("data/cifar10/train.parquet"))]
+    digest = {name: hashlib.sha256(json.dumps([[spec.record(), spec.checkpointing_steps] for spec in specs],
+                                              ensure_ascii=False).encode()).hexdigest()
+              for name, specs in (("depth", depth), ("converged", converged))}
+    assert digest == {"depth": "311b598dc20345038bdcd504b431b9964cfbf12d1ccb50c3afc40ceeb7b19a70",
+                      "converged": "aacd672ed97523e7c43e610c1947ec0e8101dc80bf19e88dbe8e0f3325b4f035"}
+    assert depth[-1].record() == {
+        "name": "d24-aggressive-rskip_ln_K2-seed2", "task": "translation",
+        "argv": ["--train_file", "task/data/train", "--validation_file", "task/data/valid", "--test_file",
+                 "task/data/test", "--source_lang", "en", "--target_lang", "de", "--tokenizer_name", "task/tokenizer",
+                 "--model_preset", "transformer-tiny", "--config_overrides", "encoder_layers=24,decoder_layers=24",
+                 "--learning_rate", "0.003", "--num_warmup_steps", "0", "--max_tokens", "2048", "--max_train_steps",
+                 "800", "--eval_steps", "50", "--num_beams", "4", "--val_max_target_length", "24", "--bleu_tokenize",
+                 "char", "--seed", "2", "--skip_variant", "rskip_ln", "--skip_recursions", "2"],
+        "settings": {"depth": 24, "regime": "aggressive", "lr": 0.003, "warmup": 0, "variant": "rskip_ln K=2",
+                     "seed": 2}}
 
 
 def test_the_depth_grid_at_the_tests_size_and_its_second_sitting(tmp_path, capsys):

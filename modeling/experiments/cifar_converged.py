@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..training.reporting import plot_curves
 from .runner import RunSpec, read_outcome
-from .summaries import binomial_error, fmt, mean_std, verdict
+from .summaries import binomial_error, fmt, mean_history, verdict
 from .variants import ALL_VARIANTS, folder_label
 
 PRESETS = {
@@ -98,16 +98,6 @@ def summarise(preset: dict, seeds: int, output_dir: Path, specs: list[RunSpec]) 
     total_train_s = sum(row.get("train_s") or 0 for row in rows)
     return {"rows": rows, "finished": len(rows), "planned": len(specs), "total_train_s": total_train_s, "note": note,
             "table": "\n".join(lines), "figures": [figure.name for figure in figures]}
-
-
-def mean_history(histories: list[list[dict]]) -> list[dict]:
-    """Several seeds' validation histories averaged step by step (steps every seed reached)."""
-    if not histories:
-        return []
-    steps = sorted(set.intersection(*({record["step"] for record in history} for history in histories)))
-    return [{"step": step, **{name: mean_std([record[name] for history in histories for record in history
-                                              if record["step"] == step])[0] for name in ("loss", "top1")}}
-            for step in steps]
 
 
 __all__ = ["PRESETS", "DEFAULT_SEEDS", "prepare", "run_specs", "summarise"]

@@ -12,10 +12,10 @@ from collections import Counter
 from pathlib import Path
 
 from ..training.reporting import plot_curves
-from .depth_rules import REGIMES, divergence_threshold, outcome_of, unigram_loss
+from .depth_rules import REGIMES, divergence_threshold, outcome_of
 from .number_task import prepare_number_task
 from .runner import RunSpec, read_outcome
-from .summaries import fmt, mean_std, verdict
+from .summaries import fmt, mean_std, text_unigram_loss, verdict
 from .variants import STABILITY_VARIANTS, folder_label
 
 VARIANTS = STABILITY_VARIANTS
@@ -62,16 +62,6 @@ def prepare(preset: dict, output_dir: Path, data_dir: Path | None = None) -> tup
     return prepare_number_task(output_dir, train_size=preset["train_size"], eval_size=preset["eval_size"])
 
 
-def number_task_unigram_loss(tokenizer_dir: Path, data: Path) -> float:
-    """`unigram_loss` of the task's validation targets, with the training targets' frequencies."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    train, valid = ((data / f"{split}.de").read_text().splitlines() for split in ("train", "valid"))
-    return unigram_loss(tokenizer(text_target=train)["input_ids"], tokenizer(text_target=valid)["input_ids"],
-                        len(tokenizer))
-
-
 def summarise_run(spec: RunSpec, folder: Path, references: list[str], stalled_above: float,
                   diverged_above: float) -> dict | None:
     """One finished run's row (None while unfinished)."""
@@ -97,7 +87,8 @@ def summarise(preset: dict, seeds: int, output_dir: Path, specs: list[RunSpec]) 
     """Tables and plots of the finished runs, rebuilt from their folders."""
     data, tokenizer = output_dir / "data", output_dir / "tokenizer"
     references = (data / "test.de").read_text().splitlines()
-    stalled_above = number_task_unigram_loss(tokenizer, data)
+    stalled_above = text_unigram_loss(tokenizer, (data / "train.de").read_text().splitlines(),
+                                      (data / "valid.de").read_text().splitlines())
     diverged_above = divergence_threshold(len(json.loads((tokenizer / "vocab.json").read_text())))
     rows = [row for spec in specs
             if (row := summarise_run(spec, output_dir / "runs" / spec.name, references, stalled_above,
@@ -192,4 +183,4 @@ def plot_by_depth_with_spread(rows: list[dict], depths: list[int], key: str, yla
     return path
 
 
-__all__ = ["PRESETS", "VARIANTS", "number_task_unigram_loss", "prepare", "run_specs", "summarise"]
+__all__ = ["PRESETS", "VARIANTS", "prepare", "run_specs", "summarise"]

@@ -1,8 +1,12 @@
-"""Numbers over seeds, as every experiment reports them: mean ± std, and a difference within the seeds' spread
-called no difference."""
+"""Numbers over seeds, as every experiment reports them: mean ± std, a difference within the seeds' spread called
+no difference, validation curves averaged over seeds, and the loss a translation run must beat to be said to train
+(the outcome rule itself is in `depth_rules`)."""
 
 import math
 import statistics
+from pathlib import Path
+
+from .depth_rules import unigram_loss
 
 
 def mean_std(values: list[float | None]) -> tuple[float, float]:
@@ -37,4 +41,29 @@ def binomial_error(accuracy: float, samples: int) -> float:
     return math.sqrt(accuracy * (1 - accuracy) / samples)
 
 
-__all__ = ["binomial_error", "fmt", "mean_std", "verdict"]
+def mean_history(histories: list[list[dict]]) -> list[dict]:
+    """Several seeds' validation histories averaged step by step, over the steps every seed reached; each metric
+    (loss, bleu, chrf, top1) that the records at a step have, its non-finite values left out."""
+    if not histories:
+        return []
+    steps = sorted(set.intersection(*({record["step"] for record in history} for history in histories)))
+    averaged = []
+    for step in steps:
+        records = [record for history in histories for record in history if record["step"] == step]
+        averaged.append({"step": step, **{name: mean_std([record[name] for record in records if name in record])[0]
+                                          for name in ("loss", "bleu", "chrf", "top1")
+                                          if any(name in record for record in records)}})
+    return averaged
+
+
+def text_unigram_loss(tokenizer_dir: Path, train_targets: list[str], valid_targets: list[str]) -> float:
+    """`depth_rules.unigram_loss` of target sentences, tokenized with the tokenizer in `tokenizer_dir`: the
+    validation cross-entropy per token of a model that knows only the training targets' token frequencies."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return unigram_loss(tokenizer(text_target=train_targets)["input_ids"],
+                        tokenizer(text_target=valid_targets)["input_ids"], len(tokenizer))
+
+
+__all__ = ["binomial_error", "fmt", "mean_history", "mean_std", "text_unigram_loss", "verdict"]
