@@ -57,6 +57,7 @@ def test_a_grid_stopped_by_sigterm_resumes_where_it_stopped_and_skips_what_finis
     grid.send_signal(signal.SIGTERM)
     output, _ = grid.communicate(timeout=300)
     assert grid.returncode == 128 + signal.SIGTERM, output
+    assert "stopping: interrupted save a checkpoint first; the same command continues the grid" in output
     assert read_outcome(tmp_path / "runs" / "interrupted") is None, "the run finished before it could be stopped"
     saved = json.loads(next((tmp_path / "runs" / "interrupted" / "checkpoints").iterdir()).joinpath(
         "run_state.json").read_text())["step"]

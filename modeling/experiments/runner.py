@@ -120,6 +120,8 @@ def run_grid(specs: list[RunSpec], runs_dir: Path, workers: int, report: Callabl
                 if on_run_finished is not None and not status[name].startswith("failed"):
                     on_run_finished()
     except BaseException:
+        if running:
+            report(f"stopping: {', '.join(running)} save a checkpoint first; the same command continues the grid")
         stop(running)
         raise
     finally:
