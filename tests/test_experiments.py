@@ -4,6 +4,7 @@
 import hashlib
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -155,6 +156,8 @@ def test_the_depth_grid_at_the_tests_size_and_its_second_sitting(tmp_path, capsy
     markdown = (output / "results.md").read_text()
     assert "12 of 12 runs finished" in markdown and "(n=1)" in markdown
     assert "| 2+2 | aggressive |" in markdown and "rskip_ln K=2 vs pre_ln" in markdown
+    verdicts = "(no difference|better|worse)"
+    assert re.search(rf"\| 1\+1 \| moderate \| .* \| {verdicts} / {verdicts} \| {verdicts} / {verdicts} \|", markdown)
     for figure in results["figures"]:
         assert (output / figure).stat().st_size > 0
     capsys.readouterr()

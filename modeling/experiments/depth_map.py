@@ -111,7 +111,7 @@ def summarise(preset: dict, seeds: int, output_dir: Path, specs: list[RunSpec]) 
                     f"{fmt([row.get(key) for row in cell(depth, regime, label)], digits)} "
                     f"(n={len(cell(depth, regime, label))})" for label in labels) + " |")
         tables.append("\n".join(lines))
-    lines = ["#### outcome and verdict on test exact match", "",
+    lines = ["#### outcome, and rSkip+LN's verdict on test exact match / final validation loss", "",
              "| depth | regime | " + " | ".join(labels) + " | rskip_ln K=2 vs post_ln | rskip_ln K=2 vs pre_ln |",
              "|---:|---|" + "---|" * (len(labels) + 2)]
     for depth in preset["depths"]:
@@ -119,10 +119,16 @@ def summarise(preset: dict, seeds: int, output_dir: Path, specs: list[RunSpec]) 
             outcomes = [", ".join(f"{count} {outcome}" for outcome, count in
                                   sorted(Counter(row["outcome"] for row in cell(depth, regime, label)).items()))
                         or "—" for label in labels]
-            exact = {label: [row.get("test_exact") for row in cell(depth, regime, label)] for label in labels}
-            lines.append(f"| {depth}+{depth} | {regime} | " + " | ".join(outcomes) + " | "
-                         + " | ".join(verdict(exact["rskip_ln K=2"], exact[other]) for other in ("post_ln", "pre_ln"))
-                         + " |")
+
+            def values(label, key):
+                return [row.get(key) for row in cell(depth, regime, label)]
+
+            ours = "rskip_ln K=2"
+            verdicts = [f"{verdict(values(ours, 'test_exact'), values(other, 'test_exact'))} / "
+                        + verdict(values(ours, "final_validation_loss"), values(other, "final_validation_loss"),
+                                  higher_is_better=False)
+                        for other in ("post_ln", "pre_ln")]
+            lines.append(f"| {depth}+{depth} | {regime} | " + " | ".join(outcomes + verdicts) + " |")
     tables.insert(0, "\n".join(lines))
 
     figures = [plot_by_depth_with_spread(rows, preset["depths"], "test_exact", "test exact match (%)",
