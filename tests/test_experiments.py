@@ -60,9 +60,9 @@ def test_a_grid_stopped_by_sigterm_resumes_where_it_stopped_and_skips_what_finis
     assert grid.returncode == 128 + signal.SIGTERM, output
     assert "stopping: interrupted save a checkpoint first; the same command continues the grid" in output
     assert read_outcome(tmp_path / "runs" / "interrupted") is None, "the run finished before it could be stopped"
-    saved = json.loads(next((tmp_path / "runs" / "interrupted" / "checkpoints").iterdir()).joinpath(
-        "run_state.json").read_text())["step"]
-    assert 0 < saved < 300
+    saved_state = json.loads(next(checkpoints.iterdir()).joinpath("run_state.json").read_text())
+    saved = saved_state["step"]
+    assert 0 < saved < 300 and saved_state["train_seconds"] > 0
 
     reference = translation_spec("reference", number_task, steps=300, checkpointing_steps="5")
     reports = []
@@ -73,6 +73,8 @@ def test_a_grid_stopped_by_sigterm_resumes_where_it_stopped_and_skips_what_finis
     resumed, uninterrupted = (read_outcome(tmp_path / "runs" / name) for name in ("interrupted", "reference"))
     assert resumed["history"][-1] == uninterrupted["history"][-1]
     assert resumed["test"] == uninterrupted["test"]
+    # the time of the first sitting counts too (it is in the checkpoint)
+    assert resumed["train_runtime_s"] > round(saved_state["train_seconds"], 1)
 
     reports.clear()
     assert run_grid([interrupted, reference], tmp_path / "runs", workers=2, report=reports.append) == status

@@ -193,8 +193,7 @@ def run_resumable_grid(experiment, args, preset: dict, command: str) -> dict:
         wall = sum(sitting["wall_s"] for sitting in sittings)
         timing = (f"{outcome['finished']} of {outcome['planned']} runs finished; wall time {duration(wall)} over "
                   f"{len(sittings)} sitting(s) with {args.workers} run(s) side by side, one thread each; the runs' "
-                  f"own training time {duration(outcome['total_train_s'])} (a resumed run counts its last sitting "
-                  "only)")
+                  f"own training time {duration(outcome['total_train_s'])}")
         results = write_results(args, command, preset, outcome, [outcome["note"]], timing, threads=1,
                                 wall_time_s=round(wall, 1), sittings=sittings)
 

@@ -45,7 +45,7 @@ def settings_to_check(settings: dict, may_change: set[str], **extra) -> dict:
 class RunState:
     """Where a run stands, saved as each checkpoint's run_state.json: the optimizer updates done, the data position
     (epoch, batches of it done), the best validation scores so far with their "step", the validation history (one
-    record per validation, with its "step"), and the settings a resume must share."""
+    record per validation, with its "step"), the settings a resume must share, and the training time so far."""
 
     step: int = 0
     epoch: int = 0
@@ -53,6 +53,8 @@ class RunState:
     best: dict | None = None
     history: list[dict] = dataclasses.field(default_factory=list)
     config: dict = dataclasses.field(default_factory=dict)
+    # Seconds of training up to this checkpoint, earlier sittings included: a resumed run reports its whole time.
+    train_seconds: float = 0.0
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Path | None, config: dict) -> "RunState":

@@ -233,6 +233,7 @@ def train(task: TrainingTask, config: TrainingConfig, command: str) -> dict:
                 save_best_model(accelerator, model, best_dir, state.best, task.processor, files)
 
         def checkpoint_now() -> Path:
+            state.train_seconds = training_seconds()
             path = save_checkpoint(accelerator, output_dir, state, keep_last=config.checkpoints_total_limit,
                                    save_extra=task.save_to_checkpoint)
             if hub:
@@ -246,15 +247,19 @@ def train(task: TrainingTask, config: TrainingConfig, command: str) -> dict:
         def write_best_model(folder):
             """The best model so far with its results and card, as the output folder will hold it at the end."""
             results = {**task.run_description(),
-                       **run_results(accelerator, model, state, settings, time.time() - start_time, command)}
+                       **run_results(accelerator, model, state, settings, training_seconds(), command)}
             write_model_folder(folder, best_dir, results, list(task.history_metrics[:2]), task.skip_options.label(),
                                repo_id=hub_repo_id)
 
         diagnostics = Diagnostics(config.diagnostics_steps, eval_dataloaders["validation"], task.batch_loss)
         diagnostics.maybe_run(accelerator, model, state.step)
 
-        # Training
-        start_time = time.time()
+        # Training; the time of the sittings before a resume is in the checkpoint
+        start_time, earlier_seconds = time.time(), state.train_seconds
+
+        def training_seconds() -> float:
+            return earlier_seconds + time.time() - start_time
+
         if state.batches_in_epoch >= len(train_dataloader):  # checkpointed after the last batch of an epoch
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
         model.train()
@@ -306,7 +311,7 @@ def train(task: TrainingTask, config: TrainingConfig, command: str) -> dict:
                             checkpoint_now()
         if not state.history or state.history[-1]["step"] != state.step:  # resumed from a finished run's last checkpoint
             validate()
-        runtime = time.time() - start_time
+        runtime = training_seconds()
 
         # Results, the task's last evaluations with the best model, and the Hub-ready output folder
         results = {**task.run_description(), **run_results(accelerator, model, state, settings, runtime, command)}
