@@ -330,7 +330,10 @@ def test_a_stopped_and_resumed_run_ends_with_the_same_weights(tmp_path, cifar_pa
     assert (middle["epoch"], middle["batches_in_epoch"]) == (1, 2)
     states = {run: json.loads((tmp_path / run / "checkpoints" / "step_9" / "run_state.json").read_text())
               for run in "ab"}
+    # The same state but for the seconds trained, which the resumed run adds up over its sittings.
+    seconds = {run: states[run].pop("train_seconds") for run in "ab"}
     assert states["a"] == states["b"]
+    assert seconds["b"] > middle["train_seconds"] > 0
     weights = {run: load_file(tmp_path / run / "model.safetensors") for run in "ab"}
     for name, tensor in weights["a"].items():
         assert torch.equal(tensor, weights["b"][name]), name

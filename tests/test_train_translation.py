@@ -236,7 +236,10 @@ def test_a_stopped_and_resumed_run_ends_with_the_same_weights(tmp_path, data, to
               for run in "ab"}
     middle = json.loads((tmp_path / "b" / "checkpoints" / "step_3" / "run_state.json").read_text())
     assert middle["epoch"] == 0 and 0 < middle["batches_in_epoch"] and states["a"]["epoch"] >= 1
+    # The same state but for the seconds trained, which the resumed run adds up over its sittings.
+    seconds = {run: states[run].pop("train_seconds") for run in "ab"}
     assert states["a"] == states["b"]
+    assert seconds["b"] > middle["train_seconds"] > 0
     weights = {run: load_file(tmp_path / run / "checkpoints" / "step_6" / "model.safetensors") for run in "ab"}
     for name, tensor in weights["a"].items():
         assert torch.equal(tensor, weights["b"][name]), name
