@@ -80,7 +80,11 @@ def last_error_line(log: Path) -> str:
     return (errors or lines or ["(no output)"])[-1]
 
 
-def run_grid(specs: list[RunSpec], runs_dir: Path, workers: int, report: Callable[[str], None] = print,
+def report_progress(line: str) -> None:
+    print(line, flush=True)  # at once, also into a log file: a grid runs for hours
+
+
+def run_grid(specs: list[RunSpec], runs_dir: Path, workers: int, report: Callable[[str], None] = report_progress,
              on_run_finished: Callable[[], None] | None = None) -> dict:
     """Run the unfinished `specs` in `runs_dir`, `workers` at a time, in the order given; return {name: status}
     with status 'finished', 'diverged' or 'failed: <its error line>'. `on_run_finished()` is called after each run
