@@ -17,7 +17,8 @@ from datasets import load_dataset
 
 from rskip.commands import reproduce
 from rskip.experiments import cifar_converged, depth_map
-from rskip.experiments.depth_rules import divergence_threshold, outcome_of, unigram_loss
+from rskip.experiments.depth_rules import (bigram_loss, divergence_threshold, outcome_of, task_outcome,
+                                          unigram_loss)
 from rskip.experiments.number_task import prepare_number_task
 from rskip.experiments.runner import RunSpec, read_outcome, run_grid
 from rskip.experiments.summaries import mean_history
@@ -116,6 +117,29 @@ def test_the_unigram_loss_and_the_outcome_rule():
     assert outcome_of(diverged_above + 0.01, stalled_above, diverged_above) == "diverges"
     assert outcome_of(float("nan"), stalled_above, diverged_above) == "diverges"
     assert outcome_of(None, stalled_above, diverged_above) == "diverges"
+
+
+def test_the_depth_maps_outcome_rule_asks_for_exact_translations():
+    """Trained to the end, a loss below the unigram line is not enough: a decoder that never reads the source gets
+    there (the 12+12 aggressive runs did, with 0 % exact)."""
+    diverged_above = divergence_threshold(100)
+    assert task_outcome(0.1, 50.0, diverged_above) == "trains"
+    assert task_outcome(1.8, 49.5, diverged_above) == "stalls"
+    assert task_outcome(1.8, None, diverged_above) == "stalls"
+    assert task_outcome(diverged_above + 0.01, 99.0, diverged_above) == "diverges"
+    assert task_outcome(float("inf"), 0.0, diverged_above) == "diverges"
+
+
+def test_the_bigram_loss_knows_the_previous_token_and_backs_off_to_the_unigram():
+    train = [[1, 2, 0], [1, 2, 0], [3, 0]]
+    # After 1, the next token is always 2: half of the unseen-follower mass (discount 0.75 of 2 counts) is given back.
+    unigram = {token: (count + 1) / (8 + 4) for token, count in {0: 3, 1: 2, 2: 2, 3: 1}.items()}
+    p_2_after_1 = (2 - 0.75) / 2 + 0.75 * 1 / 2 * unigram[2]
+    assert bigram_loss(train, [[1, 2]], vocab_size=4) == pytest.approx(
+        -(math.log((2 - 0.75) / 3 + 0.75 * 2 / 3 * unigram[1]) + math.log(p_2_after_1)) / 2)
+    assert bigram_loss(train, [[1, 2, 0]], 4) < unigram_loss(train, [[1, 2, 0]], 4)
+    # After a token never seen as a context (3), the unigram model alone: p(1) = (1 + 1) / (2 + 4).
+    assert bigram_loss([[1, 0]], [[3, 1]], 4) == pytest.approx(-(math.log(0.75 * 1 / 6) + math.log(2 / 6)) / 2)
 
 
 def test_mean_history_averages_the_steps_every_seed_reached():

@@ -6,16 +6,16 @@ completed over several sittings; the tables and plots are rebuilt from whatever 
 finished seeds shown per cell.
 """
 
-import json
 import math
 from collections import Counter
 from pathlib import Path
 
 from ..training.reporting import plot_curves
-from .depth_rules import REGIMES, divergence_threshold, outcome_of
+from .depth_rules import (REGIMES, TRAINS_AT_EXACT_MATCH, bigram_loss, divergence_threshold, task_outcome,
+                          unigram_loss)
 from .number_task import prepare_number_task
 from .runner import RunSpec, read_outcome
-from .summaries import fmt, mean_std, text_unigram_loss, verdict
+from .summaries import fmt, mean_std, target_ids, verdict
 from .variants import STABILITY_VARIANTS, folder_label
 
 VARIANTS = STABILITY_VARIANTS
@@ -62,8 +62,7 @@ def prepare(preset: dict, output_dir: Path, data_dir: Path | None = None) -> tup
     return prepare_number_task(output_dir, train_size=preset["train_size"], eval_size=preset["eval_size"])
 
 
-def summarise_run(spec: RunSpec, folder: Path, references: list[str], stalled_above: float,
-                  diverged_above: float) -> dict | None:
+def summarise_run(spec: RunSpec, folder: Path, references: list[str], diverged_above: float) -> dict | None:
     """One finished run's row (None while unfinished)."""
     result = read_outcome(folder)
     if result is None:
@@ -77,8 +76,8 @@ def summarise_run(spec: RunSpec, folder: Path, references: list[str], stalled_ab
     converged = next((record["step"] for record in history
                       if math.isfinite(record["loss"]) and abs(record["loss"] - final) <= CONVERGED_WITHIN * final),
                      None)
-    return {**row, "outcome": outcome_of(final, stalled_above, diverged_above),
-            "test_exact": 100 * sum(map(str.__eq__, predictions, references)) / len(references),
+    exact = 100 * sum(map(str.__eq__, predictions, references)) / len(references)
+    return {**row, "outcome": task_outcome(final, exact, diverged_above), "test_exact": exact,
             "test_chrf": result["test"]["chrf"], "final_validation_loss": final, "converged_at_step": converged,
             "train_s": result["train_runtime_s"], "history": history}
 
@@ -87,12 +86,13 @@ def summarise(preset: dict, seeds: int, output_dir: Path, specs: list[RunSpec]) 
     """Tables and plots of the finished runs, rebuilt from their folders."""
     data, tokenizer = output_dir / "data", output_dir / "tokenizer"
     references = (data / "test.de").read_text().splitlines()
-    stalled_above = text_unigram_loss(tokenizer, (data / "train.de").read_text().splitlines(),
-                                      (data / "valid.de").read_text().splitlines())
-    diverged_above = divergence_threshold(len(json.loads((tokenizer / "vocab.json").read_text())))
+    train_ids, valid_ids, vocab_size = target_ids(tokenizer, (data / "train.de").read_text().splitlines(),
+                                                  (data / "valid.de").read_text().splitlines())
+    # For scale in the note: the validation losses of models that never read the source.
+    unigram, bigram = unigram_loss(train_ids, valid_ids, vocab_size), bigram_loss(train_ids, valid_ids, vocab_size)
+    diverged_above = divergence_threshold(vocab_size)
     rows = [row for spec in specs
-            if (row := summarise_run(spec, output_dir / "runs" / spec.name, references, stalled_above,
-                                     diverged_above)) is not None]
+            if (row := summarise_run(spec, output_dir / "runs" / spec.name, references, diverged_above)) is not None]
 
     def cell(depth, regime, label):
         return [row for row in rows if (row["depth"], row["regime"], row["variant"]) == (depth, regime, label)]
@@ -148,11 +148,13 @@ def summarise(preset: dict, seeds: int, output_dir: Path, specs: list[RunSpec]) 
                         for name, (lr, fraction) in REGIMES.items())
             + f". Test: the best checkpoint by validation BLEU (evaluated every {preset['eval_steps']} updates), "
             f"beam {preset['beams']}; exact match: the whole number right. Outcome: diverges = a non-finite "
-            f"training loss, or a final validation loss above ln(vocabulary) + 1 = {diverged_above:.2f}; stalls = "
-            f"not below {stalled_above:.2f}, the loss of a model that knows only the target tokens' frequencies; "
-            f"trains = below. Cells: mean ± std over the finished seeds (n of {seeds}).")
+            f"training loss, or a final validation loss above ln(vocabulary) + 1 = {diverged_above:.2f}; trains = at "
+            f"least {TRAINS_AT_EXACT_MATCH:g} % of the test numbers exactly right; stalls = fewer. For scale, models "
+            f"that never read the source reach a validation loss of {unigram:.2f} (the target tokens' frequencies) "
+            f"and {bigram:.2f} (also the previous token: a bigram model). Cells: mean ± std over the finished seeds (n of {seeds}).")
     total_train_s = sum(row.get("train_s") or 0 for row in rows)
-    return {"rows": rows, "finished": len(rows), "planned": len(specs), "unigram_loss": stalled_above,
+    return {"rows": rows, "finished": len(rows), "planned": len(specs), "unigram_loss": unigram,
+            "bigram_loss": bigram,
             "diverged_above": diverged_above, "total_train_s": total_train_s, "note": note,
             "table": "\n\n".join(tables), "figures": [figure.name for figure in figures]}
 

@@ -56,14 +56,19 @@ def mean_history(histories: list[list[dict]]) -> list[dict]:
     return averaged
 
 
-def text_unigram_loss(tokenizer_dir: Path, train_targets: list[str], valid_targets: list[str]) -> float:
-    """`depth_rules.unigram_loss` of target sentences, tokenized with the tokenizer in `tokenizer_dir`: the
-    validation cross-entropy per token of a model that knows only the training targets' token frequencies."""
+def target_ids(tokenizer_dir: Path, *target_sets: list[str]) -> list[list[list[int]]]:
+    """Each list of target sentences as token ids of the tokenizer in `tokenizer_dir` (with the end-of-sentence token
+    a model must predict), and the vocabulary size last."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    return unigram_loss(tokenizer(text_target=train_targets)["input_ids"],
-                        tokenizer(text_target=valid_targets)["input_ids"], len(tokenizer))
+    return [tokenizer(text_target=targets)["input_ids"] for targets in target_sets] + [len(tokenizer)]
 
 
-__all__ = ["binomial_error", "fmt", "mean_history", "mean_std", "text_unigram_loss", "verdict"]
+def text_unigram_loss(tokenizer_dir: Path, train_targets: list[str], valid_targets: list[str]) -> float:
+    """`depth_rules.unigram_loss` of target sentences, tokenized with the tokenizer in `tokenizer_dir`: the
+    validation cross-entropy per token of a model that knows only the training targets' token frequencies."""
+    return unigram_loss(*target_ids(tokenizer_dir, train_targets, valid_targets))
+
+
+__all__ = ["binomial_error", "fmt", "mean_history", "mean_std", "target_ids", "text_unigram_loss", "verdict"]
