@@ -16,11 +16,14 @@ A "row" depends on ``norm_dims``: ``"token"`` is the last dimension (LayerNorm),
 (GroupNorm with one group), ``"c"`` one position's C of an NCHW map (ConvNeXt's LayerNorm2d); the affine is per
 feature or per channel. By default the op runs PyTorch's native norm kernels on every device; ``use_triton(True)``
 (or ``RSKIP_TRITON=1``) runs Triton kernels (`fused_skip_triton`) for CUDA tensors instead. It is registered as
-``torch.ops.rskip.skip_norm`` with a fake implementation, so ``torch.compile`` traces models that use it as one node.
+``torch.ops.rskip.skip_norm`` with a fake implementation, so ``torch.compile`` traces models that use it as one node
+(a copy of this file imported under another module name, as a saved model's remote code is, registers its own op,
+``rskip::skip_norm_<digest of the module name>``).
 Under CUDA autocast the op reads and writes the autocast dtype (bf16/fp16), with its statistics in fp32.
 """
 
 import contextlib
+import hashlib
 import os
 from typing import Optional
 
@@ -235,8 +238,13 @@ def _use_triton(x: Tensor, h: Tensor, weight: Tensor, norm_dims: str) -> bool:
 
 # The op --------------------------------------------------------------------------------------------------------------
 
+# One op per copy of this file. A saved model's remote code is a second copy (transformers_modules.<folder>.fused_skip)
+# beside an installed rskip; redefining an op of the same name frees the first copy's op while its models still call it
+# (use after free: "vector::reserve" errors or a crash, later and at random).
+_OP_SUFFIX = "" if __name__ == "rskip.fused_skip" else "_" + hashlib.sha1(__name__.encode()).hexdigest()[:12]
 
-@torch.library.custom_op("rskip::skip_norm", mutates_args=())
+
+@torch.library.custom_op(f"rskip::skip_norm{_OP_SUFFIX}", mutates_args=())
 def _skip_norm_op(
     x: Tensor, h: Tensor, weight: Tensor, bias: Tensor, scale: Optional[Tensor], fixed_scale: float, eps: float,
     norm_dims: str, needs_grad: bool,
@@ -257,7 +265,7 @@ def _(x, h, weight, bias, scale, fixed_scale, eps, norm_dims, needs_grad):
     return y, z1, stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("rskip::skip_norm_backward", mutates_args=())
+@torch.library.custom_op(f"rskip::skip_norm_backward{_OP_SUFFIX}", mutates_args=())
 def _skip_norm_backward_op(
     dy: Tensor, x: Tensor, z1: Tensor, weight: Tensor, bias: Tensor, scale: Optional[Tensor], fixed_scale: float,
     mean: Tensor, rstd: Tensor, eps: float, norm_dims: str,

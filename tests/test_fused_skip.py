@@ -5,6 +5,7 @@ equations in test_residual.py). The Triton kernels run on CPU under TRITON_INTER
 """
 
 import collections
+import sys
 
 import pytest
 import timm
@@ -395,3 +396,35 @@ def test_the_ops_a_step_runs_on_the_pytorch_path():
     ops = dispatched_ops(lambda: torch.autograd.grad(two(x, h).sum(), [x, h, *two.parameters()]))
     assert ops["skip_norm"] == ops["skip_norm_backward"] == 1
     assert not {"zeros", "zero_", "fill_", "zeros_like"} & set(ops)
+
+
+def test_a_saved_models_remote_code_beside_the_installed_rskip_keeps_both_ops_alive(tmp_path):
+    """Remote code (`trust_remote_code=True` where the classes are not registered, or `get_class_from_dynamic_module`)
+    imports a copy of fused_skip.py under transformers_modules. A copy that re-registered `rskip::skip_norm` would free
+    the installed module's op while its models still call it: a use after free that showed later, at random, as
+    `ValueError: vector::reserve`."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    import rskip.fused_skip as installed
+
+    config = rskip.RSkipMarianConfig(vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                     decoder_ffn_dim=32, max_position_embeddings=16, pad_token_id=0,
+                                     decoder_start_token_id=0, skip_variant="rskip_ln", skip_recursions=2,
+                                     dropout=0.0)
+    torch.manual_seed(0)
+    model = rskip.RSkipMarianMTModel(config)
+    model.save_pretrained(tmp_path)
+    remote_class = get_class_from_dynamic_module("modeling_rskip_marian.RSkipMarianMTModel", str(tmp_path))
+    copy = sys.modules[remote_class.__module__.rsplit(".", 1)[0] + ".fused_skip"]
+
+    assert torch.ops.rskip.skip_norm.default is installed._skip_norm_op._opoverload  # still the registered op
+    assert copy._skip_norm_op._opoverload is not installed._skip_norm_op._opoverload  # the copy has its own
+    remote = remote_class.from_pretrained(tmp_path)
+    ids = torch.tensor([[3, 4, 5, 2]])
+    losses = []
+    for each in (model.train(), remote.train()):
+        loss = each(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1])
