@@ -133,3 +133,18 @@ def test_modules_run_with_python_m_and_the_library_names_the_commands(installed,
     assert completed.returncode == 0 and "--skip_variant" in completed.stdout
     completed = run(["python", "-m", "rskip.training"], installed, empty_folder)
     assert completed.returncode == 2 and all(command in completed.stderr for command in COMMANDS)
+
+
+def test_an_installed_grid_runs_its_runs_with_the_installed_package(installed, empty_folder, cifar_parquet, tmp_path):
+    """`rskip-reproduce` starts each run as `python -m rskip.experiments.train_run` in its own process: from the
+    wheel, in a folder without the checkout."""
+    data_dir = tmp_path / "data"  # <data_dir>/cifar10/train.parquet, as ../shared/data lays it out
+    (data_dir / "cifar10").mkdir(parents=True)
+    (data_dir / "cifar10" / "train.parquet").symlink_to(cifar_parquet)
+    completed = run(["rskip-reproduce", "cifar", "--converged", "--mini", "--seeds", "1", "--data_dir", data_dir,
+                     "--output_dir", "grid"], installed, empty_folder)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "| rskip_ln K=2 | 1 of 1 |" in (empty_folder / "grid" / "results.md").read_text()
+    for run_dir in (empty_folder / "grid" / "runs").iterdir():
+        command = json.loads((run_dir / "results.json").read_text())["command"]
+        assert command.startswith("rskip-train-image-classification "), command
