@@ -8,7 +8,7 @@ has no other labelled split).
 from pathlib import Path
 
 from ..training.reporting import plot_curves
-from .runner import RunSpec, read_outcome
+from .runner import RunSpec, finished_row
 from .summaries import fmt, mean_history, verdict
 from .variants import ALL_VARIANTS, CIFAR_VARIANTS, folder_label
 
@@ -54,12 +54,11 @@ def run_specs(preset: dict, seeds: int, train_file: Path) -> list[RunSpec]:
 
 def summarise_run(spec: RunSpec, folder: Path) -> dict | None:
     """One finished run's row (None while unfinished): its best validation top-1 and loss, or where it diverged."""
-    result = read_outcome(folder)
-    if result is None:
+    if (finished := finished_row(spec, folder)) is None:
         return None
-    row = {**spec.settings, "run": spec.name, "command": result.get("command")}
-    if "diverged" in result:
-        return {**row, "diverged": result["diverged"], "diverged_at_step": result["step"]}
+    row, result = finished
+    if "diverged" in row:
+        return row
     return {**row, "top1": result["validation"]["top1"], "loss": result["validation"]["loss"],
             "train_s": result["train_runtime_s"], "history": result["history"]}
 

@@ -10,7 +10,7 @@ is chosen on the images it is measured on.
 from pathlib import Path
 
 from ..training.reporting import plot_curves
-from .runner import RunSpec, read_outcome
+from .runner import RunSpec, finished_row
 from .summaries import binomial_error, fmt, mean_history, verdict
 from .variants import ALL_VARIANTS, folder_label
 
@@ -55,12 +55,11 @@ def summarise(preset: dict, seeds: int, output_dir: Path, specs: list[RunSpec]) 
     """The table and curves of the finished runs, rebuilt from their folders."""
     rows = []
     for spec in specs:
-        result = read_outcome(output_dir / "runs" / spec.name)
-        if result is None:
+        if (finished := finished_row(spec, output_dir / "runs" / spec.name)) is None:
             continue
-        row = {**spec.settings, "run": spec.name, "command": result.get("command")}
-        if "diverged" in result:
-            rows.append({**row, "diverged_at_step": result["step"]})
+        row, result = finished
+        if "diverged" in row:
+            rows.append(row)
             continue
         last = result["history"][-1]
         samples = preset["eval_samples"] or preset["validation_size"]

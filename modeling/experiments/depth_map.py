@@ -14,7 +14,7 @@ from ..training.reporting import plot_curves
 from .depth_rules import (REGIMES, TRAINS_AT_EXACT_MATCH, bigram_loss, divergence_threshold, task_outcome,
                           unigram_loss)
 from .number_task import prepare_number_task
-from .runner import RunSpec, read_outcome
+from .runner import RunSpec, finished_row
 from .summaries import fmt, mean_std, target_ids, verdict
 from .variants import STABILITY_VARIANTS, folder_label
 
@@ -64,12 +64,11 @@ def prepare(preset: dict, output_dir: Path, data_dir: Path | None = None) -> tup
 
 def summarise_run(spec: RunSpec, folder: Path, references: list[str], diverged_above: float) -> dict | None:
     """One finished run's row (None while unfinished)."""
-    result = read_outcome(folder)
-    if result is None:
+    if (finished := finished_row(spec, folder)) is None:
         return None
-    row = {**spec.settings, "run": spec.name, "command": result.get("command")}
-    if "diverged" in result:
-        return {**row, "outcome": "diverges", "diverged_at_step": result["step"]}
+    row, result = finished
+    if "diverged" in row:
+        return {**row, "outcome": "diverges"}
     history = result["history"]
     final = history[-1]["loss"]
     predictions = (folder / "predictions_test.txt").read_text().splitlines()

@@ -60,6 +60,18 @@ def read_outcome(folder: Path) -> dict | None:
     return None
 
 
+def finished_row(spec: RunSpec, folder: Path) -> tuple[dict, dict] | None:
+    """(row, result) of a finished run, None while unfinished: the row holds the run's settings, name and command,
+    and for a diverged run where it diverged (`diverged`, `diverged_at_step`); result is `read_outcome`'s."""
+    result = read_outcome(folder)
+    if result is None:
+        return None
+    row = {**spec.settings, "run": spec.name, "command": result.get("command")}
+    if "diverged" in result:
+        row.update(diverged=result["diverged"], diverged_at_step=result["step"])
+    return row, result
+
+
 def check_folder(spec: RunSpec, folder: Path) -> None:
     """Refuse a folder that holds a run of other settings (a changed grid definition must not mix results)."""
     recorded = folder / SETTINGS_FILE
@@ -160,4 +172,4 @@ def stop(running: dict[str, tuple[subprocess.Popen, float]]) -> None:
             process.kill()
 
 
-__all__ = ["RunSpec", "is_finished", "read_outcome", "run_grid"]
+__all__ = ["RunSpec", "finished_row", "is_finished", "read_outcome", "run_grid"]

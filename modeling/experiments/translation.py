@@ -9,7 +9,7 @@ experiments' way to build a translation run.
 from pathlib import Path
 
 from ..training.reporting import plot_curves
-from .runner import RunSpec, read_outcome
+from .runner import RunSpec, finished_row
 from .summaries import fmt, mean_history, verdict
 from .variants import ALL_VARIANTS, folder_label
 
@@ -114,12 +114,11 @@ def run_specs(preset: dict, seeds: int, data_dir: Path, tokenizer: Path | None) 
 
 def summarise_run(spec: RunSpec, folder: Path) -> dict | None:
     """One finished run's row (None while unfinished): its scores, or where it diverged."""
-    result = read_outcome(folder)
-    if result is None:
+    if (finished := finished_row(spec, folder)) is None:
         return None
-    row = {**spec.settings, "run": spec.name, "command": result.get("command")}
-    if "diverged" in result:
-        return {**row, "diverged": result["diverged"], "diverged_at_step": result["step"]}
+    row, result = finished
+    if "diverged" in row:
+        return row
     row.update(train_s=result["train_runtime_s"], history=result["history"])
     for split, name in (*METRICS, ("test", "loss")):
         if name in result.get(split, {}):
