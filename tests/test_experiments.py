@@ -186,6 +186,8 @@ def test_the_depth_grid_at_the_tests_size_and_its_second_sitting(tmp_path, capsy
     assert re.search(rf"\| 1\+1 \| moderate \| .* \| {verdicts} / {verdicts} \| {verdicts} / {verdicts} \|", markdown)
     for figure in results["figures"]:
         assert (output / figure).stat().st_size > 0
+    for log in (output / "runs").glob("*/log.txt"):  # the bar drawn when it opens and when it closes, nothing between
+        assert log.read_text().count("training: ") <= 2, log.read_text()
     capsys.readouterr()
     again = reproduce.main(["depth", "--mini", "--seeds", "1", "--output_dir", str(output)])
     assert "12 runs: 12 finished before, 0 to run" in capsys.readouterr().out

@@ -25,8 +25,10 @@ from ..training.signals import RunStopped
 FINISHED_MARKERS = ("results.json", "diverged.json")
 SETTINGS_FILE = "settings.json"
 LOG_FILE = "log.txt"
-# One thread per process: `workers` processes share the cores instead of fighting over them.
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+# One thread per process: `workers` processes share the cores instead of fighting over them. A run's log is a file
+# read for hours: its progress bars redraw every 30 seconds, not ten times a second (160 KB a run at 800 updates).
+WORKER_ENVIRONMENT = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                      "TQDM_MININTERVAL": "30"}
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,7 @@ def start(spec: RunSpec, folder: Path) -> subprocess.Popen:
         log.write(f"\n$ {' '.join(worker_command(spec, folder))}\n")
         log.flush()
         return subprocess.Popen(worker_command(spec, folder), stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, **ONE_THREAD}, start_new_session=True)
+                                env={**os.environ, **WORKER_ENVIRONMENT}, start_new_session=True)
 
 
 def stop(running: dict[str, tuple[subprocess.Popen, float]]) -> None:

@@ -280,8 +280,9 @@ def train(task: TrainingTask, config: TrainingConfig, command: str) -> dict:
                     optimizer.zero_grad()
                     state.step += 1
                     state.batches_in_epoch += len(micro_batches)
+                    # redrawn by update() at tqdm's pace (TQDM_MININTERVAL), not forced at every step
+                    progress.set_postfix(loss=f"{train_loss:.3f}", epoch=state.epoch, refresh=False)
                     progress.update(1)
-                    progress.set_postfix(loss=f"{train_loss:.3f}", epoch=state.epoch)
                     accelerator.log({"train/loss": train_loss, "train/learning_rate": lr_scheduler.get_last_lr()[0],
                                      f"train/{task.count_name}": num_items, "train/epoch": state.epoch,
                                      **({"train/grad_norm": grad_norm.item()} if grad_norm is not None else {})},
