@@ -150,7 +150,7 @@ def marian_inputs() -> dict:
 @example(given={"d_model": 1})  # not divisible by 2 heads
 @example(given={"decoder_attention_heads": 0})
 @example(given={"dropout": -1})
-# The issue's: a numpy K, numpy shapes (config.json must stay JSON), a misspelt K.
+# Reported by users: a numpy K, numpy shapes (config.json must stay JSON), a misspelt K.
 @example(given={"skip_variant": "rskip_ln", "skip_recursions": np.int64(3)})
 @example(given={"d_model": np.int32(12), "encoder_attention_heads": np.uint8(3), "decoder_layers": np.int8(2)})
 @example(given={"skip_variant": "rskip_ln", "skip_recursion": 3})
@@ -235,7 +235,7 @@ def test_a_misspelt_skip_option_is_refused_naming_the_option_meant(config_class,
 
 
 @pytest.mark.parametrize("config_class, kwargs", [
-    # The cases: K = 2 was built without a word.
+    # Reported by users: K = 2 was built without a word.
     (RSkipMarianConfig, dict(skip_variant="rskip_ln", skip_recursion=3)),
     (RSkipResNetConfig, dict(backbone="preact_resnet20", skip_recursoins=3)),
 ])

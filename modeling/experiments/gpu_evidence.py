@@ -1,4 +1,4 @@
-"""The GPU evidence of issue 19 in one timed go (`scripts/gpu_evidence.sh OUTPUT_DIR [--budget_minutes 8]`):
+"""The GPU half of the results in one timed go (`scripts/gpu_evidence.sh OUTPUT_DIR [--budget_minutes 8]`):
 
 1. CIFAR-10 with He et al.'s PreAct-ResNet-110: `plain`, `post_ln`, `rskip_ln` K = 2 and K = 3, up to 3 seeds
    (2 where the budget cannot carry 3). The training images are decoded once into a uint8 tensor on the GPU and
