@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU half of the README's results in one go, within --budget_minutes (8 by default) of wall time, installing
-# included, on one GPU machine with its own torch, torchvision and numpy and no network (rskip.experiments.gpu_evidence says what it
-# runs and how the time is shared):
+# included, on one GPU machine with its own torch, torchvision and numpy and no network (rskip.experiments.gpu_evidence
+# says what it runs and how the time is shared):
 #   1. CIFAR-10 PreAct-ResNet-110: plain, post_ln, rskip_ln K = 2 and K = 3, up to 3 seeds;
 #   2. the depth map at width 256: post_ln, pre_ln, rskip_ln K = 2 at 6+6, 12+12, 24+24 layers, two learning-rate
 #      regimes, up to 3 seeds.
