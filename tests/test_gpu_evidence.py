@@ -18,10 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import REPO, SHARED_DATA
-from rskip.experiments import gpu_evidence, gpu_evidence_pack
-from rskip.experiments.gpu_evidence import (CarryError, Plan, RunCost, assign_workers, augment, check_carry,
-                                            choose_plan, cifar_processes, costliest, depth_processes,
-                                            token_batches)
+from rskip.experiments import gpu_budget, gpu_evidence, gpu_evidence_pack, gpu_runs
+from rskip.experiments.gpu_budget import Plan, RunCost, assign_workers, choose_plan
+from rskip.experiments.gpu_evidence import CarryError, check_carry, cifar_processes, costliest, depth_processes
+from rskip.experiments.gpu_runs import augment, token_batches
 from rskip.experiments.depth_rules import unigram_loss
 
 CIFAR = SHARED_DATA / "cifar10" / "train.parquet"
@@ -73,7 +73,7 @@ def test_the_slowest_process_sets_the_number_of_updates():
 def test_the_planned_runs_fit_the_time_and_one_more_update_would_not(costs, seconds, floor):
     workers = [[(seed, RunCost(*cost)) for seed in range(3) for cost in worker] for worker in costs]
     plan = choose_plan(workers, seconds, min_updates=floor, max_seeds=3)
-    usable = seconds * (1 - gpu_evidence.PLAN_MARGIN)
+    usable = seconds * (1 - gpu_budget.PLAN_MARGIN)
 
     def time_of(updates):
         return [sum(cost.fixed_seconds + updates * cost.update_seconds for seed, cost in runs if seed < plan.seeds)
@@ -201,7 +201,7 @@ def one_thread():
 
 def test_a_cifar_run_trains_on_the_decoded_images_and_stops_at_its_deadline(carry, tmp_path, one_thread):
     gpu_evidence.decode_cifar(carry, tmp_path / "decoded.pt")
-    runner = gpu_evidence.CifarRun({"decoded": str(tmp_path / "decoded.pt"), "validation_images": 100,
+    runner = gpu_runs.CifarRun({"decoded": str(tmp_path / "decoded.pt"), "validation_images": 100,
                                     "batch_size": 8, "cifar_model": "preact_resnet20"}, torch.device("cpu"))
     run, lines = {"name": "rskip_ln K=3 seed 0", "variant": "rskip_ln K=3", "seed": 0}, []
     cost = runner.probe(run, 1)
@@ -215,7 +215,7 @@ def test_a_cifar_run_trains_on_the_decoded_images_and_stops_at_its_deadline(carr
 
 
 def test_a_depth_map_run_trains_on_the_carried_ids_and_says_how_it_ended(carry, one_thread):
-    runner = gpu_evidence.DepthRun({"carry": str(carry), "width": {"d_model": 16, "ffn_dim": 32, "heads": 2}},
+    runner = gpu_runs.DepthRun({"carry": str(carry), "width": {"d_model": 16, "ffn_dim": 32, "heads": 2}},
                                    torch.device("cpu"))
     run, lines = {"name": "2+2 aggressive rskip_ln K=2 seed 0", "depth": 2, "regime": "aggressive",
                   "variant": "rskip_ln K=2", "seed": 0}, []

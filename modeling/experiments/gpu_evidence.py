@@ -30,9 +30,11 @@ deadline comes first, and says so. Nothing is tuned on a test split: the schedul
 alone.
 
 Writes OUTPUT_DIR/results.md, results.json, cifar_top1.png, cifar_training_loss.png, depth_map.png and logs/.
+
+This module holds the command, the carry and the processes; the budget chooser is in `gpu_budget`, the two kinds of
+run in `gpu_runs`, the tables and plots in `gpu_report`.
 """
 
-import contextlib
 import hashlib
 import importlib.metadata
 import io
@@ -46,40 +48,25 @@ import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from multiprocessing import forkserver
 from multiprocessing.connection import wait
 from pathlib import Path
 
 import PIL.Image
-import timm
 import torch
-import torch.nn.functional as F
-from timm.optim import create_optimizer_v2
-from transformers import get_scheduler
 
 from ..command_line import COUNT, POSITIVE, CommandParser, bounded, output_folder
-from ..configuration_rskip_marian import RSkipMarianConfig
-from ..modeling_rskip_marian import RSkipMarianMTModel
-from ..skip_options import ResNetSkipOptions
-from .depth_rules import REGIMES, TRAINS_AT_EXACT_MATCH, divergence_threshold, task_outcome, unigram_loss
-from .summaries import binomial_error, fmt, mean_std, verdict
+from .depth_rules import REGIMES
+from .gpu_budget import MIN_SEEDS, MIN_UPDATES, RunCost, assign_workers, choose_plan, spread
+from .gpu_report import cifar_summary, depth_summary, draw, plotting, write_markdown
+from .gpu_runs import CIFAR_VARIANTS, DEPTH_VARIANTS, PARTS
 
 CARRY = ".cache/gpu-evidence"
 CARRY_FILES = ("manifest.json", "cifar10.pt", "numbers.json")
-CIFAR_VARIANTS = {"plain": {"skip_variant": "plain"}, "post_ln": {"skip_variant": "post_ln"},
-                  "rskip_ln K=2": {"skip_variant": "rskip_ln", "skip_recursions": 2},
-                  "rskip_ln K=3": {"skip_variant": "rskip_ln", "skip_recursions": 3}}
-DEPTH_VARIANTS = {"post_ln": {"skip_variant": "post_ln"}, "pre_ln": {"skip_variant": "pre_ln"},
-                  "rskip_ln K=2": {"skip_variant": "rskip_ln", "skip_recursions": 2}}
-MIN_SEEDS = 2
-# Below these numbers of updates a run is reported as too short to be evidence (the figures are still shown).
-MIN_UPDATES = {"cifar": 2000, "depth": 500}
 # Of the budget, for collecting and writing the results and for the processes' exit (seconds on a busy machine).
 RESERVE_FRACTION, RESERVE_SECONDS = 0.08, 5.0
-PLAN_MARGIN = 0.10  # of a part's time, for what the probe did not see
 CIFAR_BATCH = 128
-TOKENS_PER_BATCH = 2048
 
 
 def parse_args(argv=None):
@@ -112,64 +99,6 @@ def parse_args(argv=None):
     if args.d_model % args.heads:
         parser.error(f"argument --heads: {args.heads} does not divide --d_model {args.d_model}")
     return args
-
-
-# ------------------------------------------------------------------------------------------- the budget chooser
-
-@dataclass(frozen=True)
-class RunCost:
-    """What the probe measured for one run: seconds per update, and fixed seconds (building the model, evaluating
-    it at the end)."""
-    update_seconds: float
-    fixed_seconds: float
-
-
-@dataclass(frozen=True)
-class Plan:
-    seeds: int
-    updates: int  # 0: not even one update fits
-    enough: bool  # updates >= the part's floor (MIN_UPDATES)
-
-
-def choose_plan(workers: list[list[tuple[int, RunCost]]], seconds: float, min_updates: int, max_seeds: int,
-                min_seeds: int = MIN_SEEDS, margin: float = PLAN_MARGIN) -> Plan:
-    """The seeds and the number of updates per run (the same for every run) that let every worker finish its runs,
-    one after the other, within `seconds` less the margin: the most seeds (from `max_seeds` down to `min_seeds`)
-    whose runs reach `min_updates`, else `min_seeds` with as many updates as fit. `workers` lists each worker's runs
-    as (seed, cost); runs of seeds >= the chosen number are left out."""
-    usable = seconds * (1 - margin)
-    best = None
-    for seeds in range(max_seeds, min_seeds - 1, -1):
-        limits = []
-        for runs in workers:
-            kept = [cost for seed, cost in runs if seed < seeds]
-            if kept:
-                fixed = sum(cost.fixed_seconds for cost in kept)
-                limits.append((usable - fixed) / sum(cost.update_seconds for cost in kept))
-        updates = max(0, math.floor(min(limits))) if limits else 0
-        best = Plan(seeds, updates, updates >= min_updates)
-        if best.enough:
-            return best
-    return best
-
-
-def assign_workers(kinds: dict[str, tuple[int, float]], workers: int) -> dict[str, int]:
-    """How many processes each kind of run gets: `kinds` maps a kind to (its number of runs, the relative cost of
-    one run). Each kind gets one, then each further process goes to the kind whose processes have the most work
-    (runs per process times cost), while any has more runs than processes."""
-    counts = {kind: 1 for kind in kinds}
-    for _ in range(max(0, workers - len(kinds))):
-        loads = {kind: math.ceil(runs / counts[kind]) * cost for kind, (runs, cost) in kinds.items()
-                 if runs > counts[kind]}
-        if not loads:
-            break
-        counts[max(loads, key=loads.get)] += 1
-    return counts
-
-
-def spread(runs: list[dict], processes: int) -> list[list[dict]]:
-    """`runs` (seed-major order) dealt to `processes` in turn: every process gets low seeds first."""
-    return [runs[start::processes] for start in range(processes) if runs[start::processes]]
 
 
 # ------------------------------------------------------------------------------------------------- the carry
@@ -217,306 +146,12 @@ def decode_cifar(carry: Path, destination: Path) -> dict:
     return {"images": count, "source": packed["source"]}
 
 
-# ------------------------------------------------------------------------------------------------ CIFAR runs
-
-def augment(images, generator, padding: int = 4):
-    """He et al.'s augmentation of a uint8 batch (N, C, H, W), on its device: zero-pad by `padding`, crop a random
-    H x W window, flip half the images horizontally."""
-    count, channels, height, width = images.shape
-    padded = F.pad(images, (padding,) * 4)
-    top = torch.randint(0, 2 * padding + 1, (count,), device=images.device, generator=generator)
-    left = torch.randint(0, 2 * padding + 1, (count,), device=images.device, generator=generator)
-    rows = (top[:, None] + torch.arange(height, device=images.device))[:, None, :, None]
-    columns = (left[:, None] + torch.arange(width, device=images.device))[:, None, None, :]
-    crops = padded[torch.arange(count, device=images.device)[:, None, None, None],
-                   torch.arange(channels, device=images.device)[None, :, None, None], rows, columns]
-    flip = torch.rand(count, device=images.device, generator=generator) < 0.5
-    return torch.where(flip[:, None, None, None], crops.flip(3), crops)
-
-
-class CifarRun:
-    """One PreAct-ResNet on the decoded images, trained with the recipe above."""
-
-    def __init__(self, context: dict, device):
-        self.context, self.device = context, device
-        data = torch.load(context["decoded"], weights_only=True)
-        validation = context["validation_images"]
-        self.images = data["images"].to(device)
-        self.labels = data["labels"].to(device)
-        self.train_count = len(self.labels) - validation
-
-    def build(self, variant: str, seed: int):
-        torch.manual_seed(seed)
-        model = timm.create_model(self.context["cifar_model"], num_classes=10,
-                                  **ResNetSkipOptions(**CIFAR_VARIANTS[variant]).to_dict())
-        model = model.to(self.device, memory_format=torch.channels_last)
-        mean = torch.tensor(model.pretrained_cfg["mean"], device=self.device).view(1, 3, 1, 1) * 255
-        std = torch.tensor(model.pretrained_cfg["std"], device=self.device).view(1, 3, 1, 1) * 255
-        # timm's optimizer factory leaves biases and norms out of weight decay, as the training command does.
-        optimizer = create_optimizer_v2(model, opt="momentum", lr=0.1, weight_decay=1e-4, momentum=0.9)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        return model, optimizer, generator, (mean, std)
-
-    def normalise(self, images, statistics):
-        mean, std = statistics
-        return ((images.float() - mean) / std).contiguous(memory_format=torch.channels_last)
-
-    def batches(self, generator):
-        batch = self.context["batch_size"]
-        while True:
-            order = torch.randperm(self.train_count, device=self.device, generator=generator)
-            for start in range(0, self.train_count - batch + 1, batch):
-                yield order[start:start + batch]
-
-    def step(self, model, optimizer, generator, statistics, indices):
-        inputs = self.normalise(augment(self.images[indices], generator), statistics)
-        with autocast(self.device):
-            loss = F.cross_entropy(model(inputs).float(), self.labels[indices])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
-
-    def evaluate(self, model, statistics) -> dict:
-        model.eval()
-        correct, loss_sum = 0, 0.0
-        with torch.no_grad():
-            for start in range(self.train_count, len(self.labels), 1000):
-                stop = min(start + 1000, len(self.labels))
-                with autocast(self.device):
-                    logits = model(self.normalise(self.images[start:stop], statistics)).float()
-                labels = self.labels[start:stop]
-                correct += (logits.argmax(1) == labels).sum().item()
-                loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        model.train()
-        count = len(self.labels) - self.train_count
-        top1 = correct / count
-        return {"top1": 100 * top1, "top1_error": 100 * binomial_error(top1, count), "loss": loss_sum / count,
-                "images": count}
-
-    def probe(self, run: dict, updates: int) -> RunCost:
-        started = time.perf_counter()
-        model, optimizer, generator, statistics = self.build(run["variant"], run["seed"])
-        built = time.perf_counter() - started
-        batches = self.batches(generator)
-        warmup = max(3, updates // 4)  # cuDNN's autotuning and the first allocations
-        for _ in range(warmup):
-            self.step(model, optimizer, generator, statistics, next(batches))
-        synchronize(self.device)
-        started = time.perf_counter()
-        for _ in range(updates):
-            self.step(model, optimizer, generator, statistics, next(batches))
-        synchronize(self.device)
-        update_seconds = (time.perf_counter() - started) / updates
-        started = time.perf_counter()
-        self.evaluate(model, statistics)
-        return RunCost(update_seconds, built + time.perf_counter() - started)
-
-    def train(self, run: dict, updates: int, deadline: float, log) -> dict:
-        model, optimizer, generator, statistics = self.build(run["variant"], run["seed"])
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=updates, pct_start=0.15,
-                                                       cycle_momentum=False)
-        batches, curve, stopped, started = self.batches(generator), [], None, time.time()
-        interval = max(1, updates // 50)
-        losses = torch.zeros((), device=self.device)
-        for update in range(1, updates + 1):
-            losses += self.step(model, optimizer, generator, statistics, next(batches))
-            schedule.step()
-            if update % interval == 0 or update == updates:
-                mean_loss = losses.item() / (interval if update % interval == 0 else update % interval)
-                losses.zero_()
-                curve.append((update, mean_loss))
-                log(f"{run['name']} update {update}/{updates} loss {mean_loss:.4f} "
-                    f"lr {schedule.get_last_lr()[0]:.4f} {time.time() - started:.0f} s")
-                if not math.isfinite(mean_loss):
-                    stopped = f"non-finite training loss at update {update}"
-                    break
-            if time.time() > deadline:
-                stopped = f"stopped at update {update} of {updates}: the part's deadline"
-                break
-        scores = self.evaluate(model, statistics)
-        log(f"{run['name']} validation top-1 {scores['top1']:.2f}% loss {scores['loss']:.4f}")
-        return {**run, **scores, "updates": updates, "updates_done": update, "stopped": stopped,
-                "training_loss": curve, "seconds": time.time() - started}
-
-
-# ------------------------------------------------------------------------------------------ depth-map runs
-
-def token_batches(lengths: list[int], max_tokens: int, generator) -> list[list[int]]:
-    """Indices in batches of at most `max_tokens` padded tokens (longest side times sentences), similar lengths
-    together, ties and batch order random: `rskip-train-translation`'s batching (LengthBatchSampler, which lives
-    with the training library's data dependencies)."""
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    order.sort(key=lambda index: lengths[index])
-    batches, start = [], 0
-    for end in range(1, len(order) + 1):
-        if end == len(order) or lengths[order[end]] * (end + 1 - start) > max_tokens:
-            batches.append(order[start:end])
-            start = end
-    return [batches[index] for index in torch.randperm(len(batches), generator=generator).tolist()]
-
-
-class DepthRun:
-    """One RSkipMarianMTModel on the carried number task, trained with the recipe above."""
-
-    def __init__(self, context: dict, device):
-        self.context, self.device = context, device
-        task = json.loads((Path(context["carry"]) / "numbers.json").read_text())
-        self.task, self.pieces = task, task["pieces"]
-        self.vocab_size = len(self.pieces)
-        self.splits = task["splits"]
-        self.unigram = unigram_loss(self.splits["train"]["target_ids"], self.splits["valid"]["target_ids"],
-                                    self.vocab_size)
-        self.max_target = max(len(ids) for split in self.splits.values() for ids in split["target_ids"])
-
-    def build(self, run: dict):
-        width = self.context["width"]
-        layers = run["depth"]
-        config = dict(self.task["model_config"], d_model=width["d_model"], encoder_layers=layers,
-                      decoder_layers=layers, encoder_attention_heads=width["heads"],
-                      decoder_attention_heads=width["heads"], encoder_ffn_dim=width["ffn_dim"],
-                      decoder_ffn_dim=width["ffn_dim"])
-        pad, eos = self.task["pad_token_id"], self.task["eos_token_id"]
-        torch.manual_seed(run["seed"])
-        model = RSkipMarianMTModel(RSkipMarianConfig(
-            **config, **DEPTH_VARIANTS[run["variant"]], vocab_size=self.vocab_size, pad_token_id=pad,
-            eos_token_id=eos, decoder_start_token_id=pad, forced_eos_token_id=eos, max_position_embeddings=512))
-        # rskip-train-translation's beam of 4; an output longer than the longest reference cannot match, so
-        # generation stops there (an untrained model would otherwise run to the position limit).
-        model.generation_config.update(num_beams=4, max_new_tokens=self.max_target + 1, max_length=None,
-                                       decoder_start_token_id=pad, eos_token_id=eos, pad_token_id=pad,
-                                       forced_eos_token_id=eos, bad_words_ids=[[pad]])
-        model.to(self.device)
-        learning_rate, _ = REGIMES[run["regime"]]
-        # rskip-train-translation's defaults: no weight decay, epsilon 1e-9.
-        optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.98), eps=1e-9,
-                                      weight_decay=0.0)
-        return model, optimizer
-
-    def padded(self, split: str, indices: list[int]) -> dict:
-        pad = self.task["pad_token_id"]
-        sources = [self.splits[split]["source_ids"][i] for i in indices]
-        targets = [self.splits[split]["target_ids"][i] for i in indices]
-
-        def stack(sequences, fill):
-            width = max(len(ids) for ids in sequences)
-            return torch.tensor([ids + [fill] * (width - len(ids)) for ids in sequences], device=self.device)
-
-        input_ids = stack(sources, pad)
-        return {"input_ids": input_ids, "attention_mask": (input_ids != pad).long(), "labels": stack(targets, -100)}
-
-    def epochs(self, generator):
-        lengths = [max(len(source), len(target)) for source, target in
-                   zip(self.splits["train"]["source_ids"], self.splits["train"]["target_ids"])]
-        while True:
-            for indices in token_batches(lengths, TOKENS_PER_BATCH, generator):
-                yield self.padded("train", indices)
-
-    def loss(self, model, batch, label_smoothing: float):
-        decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
-        with autocast(self.device):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           decoder_input_ids=decoder_input_ids, use_cache=False).logits
-        return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
-                               label_smoothing=label_smoothing, reduction="sum"), (batch["labels"] != -100).sum()
-
-    def step(self, model, optimizer, schedule, batch):
-        loss_sum, tokens = self.loss(model, batch, 0.1)
-        optimizer.zero_grad(set_to_none=True)
-        (loss_sum / tokens).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        return (loss_sum / tokens).detach()
-
-    def schedule(self, optimizer, run: dict, updates: int):
-        _, warmup_fraction = REGIMES[run["regime"]]
-        warmup = round(warmup_fraction * updates)
-        return get_scheduler("inverse_sqrt", optimizer, num_warmup_steps=warmup, num_training_steps=updates)
-
-    def evaluate(self, model) -> dict:
-        model.eval()
-        with torch.no_grad():
-            valid = self.padded("valid", list(range(len(self.splits["valid"]["targets"]))))
-            loss_sum, tokens = self.loss(model, valid, 0.0)
-            test = self.padded("test", list(range(len(self.splits["test"]["targets"]))))
-            with autocast(self.device):
-                generated = model.generate(input_ids=test["input_ids"], attention_mask=test["attention_mask"])
-        model.train()
-        special = set(self.task["special_ids"])
-        predictions = ["".join(self.pieces[i] for i in ids if i not in special).replace("\u2581", " ").strip()
-                       for ids in generated.tolist()]
-        references = self.splits["test"]["targets"]
-        matches = sum(prediction == reference.strip() for prediction, reference in zip(predictions, references))
-        return {"valid_loss": (loss_sum / tokens).item(), "exact_match": 100 * matches / len(references),
-                "test_sentences": len(references), "example": {"reference": references[0],
-                                                               "prediction": predictions[0]}}
-
-    def probe(self, run: dict, updates: int) -> RunCost:
-        started = time.perf_counter()
-        model, optimizer = self.build(run)
-        built = time.perf_counter() - started
-        schedule = self.schedule(optimizer, run, updates * 2)
-        batches = self.epochs(torch.Generator().manual_seed(run["seed"]))
-        for _ in range(max(3, updates // 4)):
-            self.step(model, optimizer, schedule, next(batches))
-        synchronize(self.device)
-        started = time.perf_counter()
-        for _ in range(updates):
-            self.step(model, optimizer, schedule, next(batches))
-        synchronize(self.device)
-        update_seconds = (time.perf_counter() - started) / updates
-        started = time.perf_counter()
-        self.evaluate(model)  # an untrained model generates up to the longest reference: the slowest evaluation
-        return RunCost(update_seconds, built + time.perf_counter() - started)
-
-    def train(self, run: dict, updates: int, deadline: float, log) -> dict:
-        model, optimizer = self.build(run)
-        schedule = self.schedule(optimizer, run, updates)
-        batches = self.epochs(torch.Generator().manual_seed(run["seed"]))
-        curve, stopped, diverged, started = [], None, False, time.time()
-        interval = max(1, updates // 50)
-        losses = torch.zeros((), device=self.device)
-        for update in range(1, updates + 1):
-            losses += self.step(model, optimizer, schedule, next(batches))
-            if update % interval == 0 or update == updates:
-                mean_loss = losses.item() / (interval if update % interval == 0 else update % interval)
-                losses.zero_()
-                curve.append((update, mean_loss))
-                log(f"{run['name']} update {update}/{updates} loss {mean_loss:.4f} "
-                    f"lr {schedule.get_last_lr()[0]:.2e} {time.time() - started:.0f} s")
-                if not math.isfinite(mean_loss):
-                    stopped, diverged = f"non-finite training loss at update {update}", True
-                    break
-            if time.time() > deadline:
-                stopped = f"stopped at update {update} of {updates}: the part's deadline"
-                break
-        scores = self.evaluate(model)
-        scores["outcome"] = "diverges" if diverged else task_outcome(
-            scores["valid_loss"], scores["exact_match"], divergence_threshold(self.vocab_size))
-        log(f"{run['name']} valid loss {scores['valid_loss']:.4f} exact match {scores['exact_match']:.1f}% "
-            f"{scores['outcome']}")
-        return {**run, **scores, "updates": updates, "updates_done": update, "stopped": stopped,
-                "training_loss": curve, "seconds": time.time() - started, "unigram_loss": self.unigram,
-                "divergence_loss": math.log(self.vocab_size) + 1}
-
-
-def autocast(device):
-    """bf16 autocast on a GPU; full precision on the CPU (the tests' device), where bf16 is slow."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-PARTS = {"cifar": CifarRun, "depth": DepthRun}
 # On a GPU the runs' processes fork from a server that imported torch, rskip, timm and transformers once and never
 # touched the GPU: each starts in a moment instead of importing them again, and creates its own CUDA context (a
 # process forked after CUDA was initialised cannot). On the CPU they fork from the main process, which has them.
 START_METHODS = {"cuda": "forkserver", "cpu": "fork"}
-PRELOAD = ["torch", "rskip", "timm.optim", "transformers", "rskip.experiments.gpu_evidence"]
+PRELOAD = ["torch", "rskip", "timm.optim", "transformers", "rskip.experiments.gpu_evidence",
+           "rskip.experiments.gpu_runs"]
 
 
 def start_method(device) -> str:
@@ -680,188 +315,6 @@ def depth_processes(depths: list[int], seeds: int, parallel: int) -> list[list[d
     counts = assign_workers({str(depth): (len(runs) // len(depths), depth) for depth in depths}, parallel)
     return [process for depth in depths
             for process in spread([run for run in runs if run["depth"] == depth], counts[str(depth)])]
-
-
-# --------------------------------------------------------------------------------------------- the results
-
-def cifar_summary(part: dict) -> list[dict]:
-    rows = []
-    runs = [run for run in part["runs"] if run.get("top1") is not None]
-    plain = [run["top1"] for run in runs if run["variant"] == "plain"]
-    post_ln = [run["top1"] for run in runs if run["variant"] == "post_ln"]
-    for variant in CIFAR_VARIANTS:
-        top1 = [run["top1"] for run in runs if run["variant"] == variant]
-        rows.append({"variant": variant, "seeds": len(top1), "top1": top1, "top1_text": fmt(top1),
-                     "binomial_error": mean_std([run["top1_error"] for run in runs if run["variant"] == variant])[0],
-                     "loss_text": fmt([run["loss"] for run in runs if run["variant"] == variant], 3),
-                     "against_plain": "—" if variant == "plain" else verdict(top1, plain),
-                     "against_post_ln": verdict(top1, post_ln) if variant.startswith("rskip") else "—"})
-    return rows
-
-
-def depth_summary(part: dict, depths: list[int]) -> list[dict]:
-    rows = []
-    runs = part["runs"]
-    for depth in depths:
-        for regime in REGIMES:
-            cell = {variant: [run for run in runs if (run["depth"], run["regime"], run["variant"])
-                              == (depth, regime, variant)] for variant in DEPTH_VARIANTS}
-            row = {"depth": depth, "regime": regime}
-            for variant, cell_runs in cell.items():
-                outcomes = [run["outcome"] for run in cell_runs]
-                row[variant] = {
-                    "exact_match": [run["exact_match"] for run in cell_runs],
-                    "valid_loss": [run["valid_loss"] for run in cell_runs],
-                    "outcomes": {name: outcomes.count(name) for name in ("trains", "stalls", "diverges")
-                                 if name in outcomes}}
-            rskip = row["rskip_ln K=2"]["exact_match"]
-            row["rskip_vs_post_ln"] = verdict(rskip, row["post_ln"]["exact_match"])
-            row["rskip_vs_pre_ln"] = verdict(rskip, row["pre_ln"]["exact_match"])
-            rows.append(row)
-    return rows
-
-
-def describe_outcomes(outcomes: dict) -> str:
-    return ", ".join(f"{name} {count}" for name, count in outcomes.items()) or "no run"
-
-
-def write_markdown(results: dict, path: Path) -> None:
-    lines = ["# GPU evidence", "",
-             f"{results['device']}; budget {results['budget_minutes']} min, finished after "
-             f"{results['elapsed_seconds']:.0f} s (install included). Versions: {results['versions']}.", "",
-             "Rules: mean ± std over seeds; a difference within the larger standard deviation is *no difference*; "
-             "the schedule's length was chosen from timings alone, and no test split was looked at before the end.",
-             ""]
-    cifar = results["cifar"]
-    lines += ["## CIFAR-10, " + results["settings"]["cifar_model"], ""]
-    if cifar.get("plan") and cifar["plan"]["updates"]:
-        plan = cifar["plan"]
-        lines += [f"{plan['seeds']} seeds x {plan['updates']} updates of {results['settings']['batch_size']} images "
-                  f"({plan['updates'] * results['settings']['batch_size'] / max(1, cifar['train_images']):.1f} "
-                  f"epochs of {cifar['train_images']} images); validation: the last {cifar['validation_images']} "
-                  "training images." + ("" if plan["enough"] else
-                                        f" **Below the floor of {MIN_UPDATES['cifar']} updates: too short to be "
-                                        "evidence.**"), "",
-                  "| variant | seeds | validation top-1 (%) | binomial error of one run | validation loss | "
-                  "against plain | against post_ln |", "|---|---|---|---|---|---|---|"]
-        for row in cifar["summary"]:
-            error = "—" if math.isnan(row["binomial_error"]) else f"± {row['binomial_error']:.2f}"
-            lines.append(f"| {row['variant']} | {row['seeds']} | {row['top1_text']} | {error} | "
-                         f"{row['loss_text']} | {row['against_plain']} | {row['against_post_ln']} |")
-    else:
-        lines.append("Not run: " + not_run(cifar))
-    lines += notes_of(cifar)
-    depth = results["depth_map"]
-    width = results["settings"]["width"]
-    lines += ["", f"## Depth map, width {width['d_model']} (FFN {width['ffn_dim']}, {width['heads']} heads)", ""]
-    if depth.get("plan") and depth["plan"]["updates"]:
-        plan = depth["plan"]
-        lines += [f"{plan['seeds']} seeds x {plan['updates']} updates of at most {TOKENS_PER_BATCH} tokens."
-                  + ("" if plan["enough"] else f" **Below the floor of {MIN_UPDATES['depth']} updates: too short "
-                                                "to be evidence.**"),
-                  f"Outcomes: diverges (non-finite loss, or final validation loss above ln(vocab) + 1 = "
-                  f"{depth['divergence_loss']:.2f}), trains (at least {TRAINS_AT_EXACT_MATCH:g} % of the test "
-                  f"numbers exactly right), stalls (fewer; for scale, the unigram loss is "
-                  f"{depth['unigram_loss']:.2f}).", "",
-                  "| depth | regime | " + " | ".join(f"{v} exact match (%) | {v} valid loss | {v} outcomes"
-                                                     for v in DEPTH_VARIANTS) + " | rskip_ln vs post_ln | "
-                  "rskip_ln vs pre_ln |", "|---|---|" + "---|---|---|" * len(DEPTH_VARIANTS) + "---|---|"]
-        for row in depth["summary"]:
-            cells = " | ".join(f"{fmt(row[v]['exact_match'], 1)} | {fmt(row[v]['valid_loss'], 3)} | "
-                               f"{describe_outcomes(row[v]['outcomes'])}" for v in DEPTH_VARIANTS)
-            lines.append(f"| {row['depth']}+{row['depth']} | {row['regime']} | {cells} | {row['rskip_vs_post_ln']} | "
-                         f"{row['rskip_vs_pre_ln']} |")
-    else:
-        lines.append("Not run: " + not_run(depth))
-    lines += notes_of(depth)
-    lines += ["", "## Notes", ""] + [f"- {note}" for note in results["notes"]]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def not_run(part: dict) -> str:
-    if part.get("skipped"):
-        return part["skipped"]
-    if part.get("plan"):
-        return "after the probe, not one update fitted in the part's time."
-    return "no process reached the probe (see below and logs/)."
-
-
-def notes_of(part: dict) -> list[str]:
-    lines = [f"- {name}: planned, but not finished within the budget" for name in part.get("unfinished", [])]
-    for error in part.get("errors", []):
-        lines.append(f"- process {error['process']} ({', '.join(error['runs'])}): **{error['error']}**")
-    for run in part.get("runs", []):
-        if run.get("stopped"):
-            lines.append(f"- {run['name']}: {run['stopped']}")
-    return [""] + lines if lines else []
-
-
-def plotting():
-    """matplotlib's pyplot (Agg), imported before the runs so that its import counts before the plan is made."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def draw(results: dict, folder: Path) -> list[str]:
-    """The PNGs; returns their names."""
-    plt = plotting()
-
-    drawn = []
-    cifar = results["cifar"]
-    if cifar.get("summary"):
-        figure, axes = plt.subplots(figsize=(6, 4))
-        for position, row in enumerate(cifar["summary"]):
-            if row["top1"]:
-                mean, std = mean_std(row["top1"])
-                axes.bar(position, mean, yerr=std, color="#9ab", capsize=4)
-                axes.plot([position] * len(row["top1"]), row["top1"], "k.", zorder=3)
-        axes.set_xticks(range(len(cifar["summary"])), [row["variant"] for row in cifar["summary"]])
-        values = [value for row in cifar["summary"] for value in row["top1"]]
-        if values:
-            axes.set_ylim(max(0, min(values) - 5), min(100, max(values) + 2))
-        axes.set_ylabel("validation top-1 (%)")
-        axes.set_title(f"CIFAR-10 {results['settings']['cifar_model']}: mean ± std and seeds")
-        figure.tight_layout()
-        figure.savefig(folder / "cifar_top1.png", dpi=120)
-        plt.close(figure)
-        figure, axes = plt.subplots(figsize=(6, 4))
-        colours = dict(zip(CIFAR_VARIANTS, ("C0", "C1", "C2", "C3")))
-        for run in cifar["runs"]:
-            if run.get("training_loss"):
-                updates, losses = zip(*run["training_loss"])
-                axes.plot(updates, losses, color=colours[run["variant"]], alpha=0.7,
-                          label=run["variant"] if run["seed"] == 0 else None)
-        axes.set_xlabel("update")
-        axes.set_ylabel("training loss")
-        if axes.get_legend_handles_labels()[0]:
-            axes.legend()
-        figure.tight_layout()
-        figure.savefig(folder / "cifar_training_loss.png", dpi=120)
-        plt.close(figure)
-        drawn += ["cifar_top1.png", "cifar_training_loss.png"]
-    depth = results["depth_map"]
-    if depth.get("summary"):
-        rows = depth["summary"]
-        figure, axes = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.5))
-        grid = [[mean_std(row[v]["exact_match"])[0] for v in DEPTH_VARIANTS] for row in rows]
-        axes.imshow([[0 if math.isnan(value) else value for value in line] for line in grid], cmap="viridis",
-                    vmin=0, vmax=100, aspect="auto")
-        for y, row in enumerate(rows):
-            for x, variant in enumerate(DEPTH_VARIANTS):
-                text = f"{fmt(row[variant]['exact_match'], 0)}\n{describe_outcomes(row[variant]['outcomes'])}"
-                axes.text(x, y, text, ha="center", va="center", fontsize=7, color="white")
-        axes.set_xticks(range(len(DEPTH_VARIANTS)), list(DEPTH_VARIANTS))
-        axes.set_yticks(range(len(rows)), [f"{row['depth']}+{row['depth']} {row['regime']}" for row in rows])
-        axes.set_title("depth map: test exact match (%) and outcomes")
-        figure.tight_layout()
-        figure.savefig(folder / "depth_map.png", dpi=120)
-        plt.close(figure)
-        drawn.append("depth_map.png")
-    return drawn
 
 
 def library_versions() -> str:
