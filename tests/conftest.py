@@ -9,6 +9,11 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# `make test` runs one pytest-xdist worker per core: each with one torch thread (and so the processes it starts), or
+# the workers' threads fight over the cores (a tiny Marian's training step took 8x as long with two threads each).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
