@@ -126,24 +126,14 @@ class CifarRun:
         model, optimizer, generator, statistics = self.build(run["variant"], run["seed"])
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=updates, pct_start=0.15,
                                                        cycle_momentum=False)
-        batches, curve, stopped, started = self.batches(generator), [], None, time.time()
-        interval = max(1, updates // 50)
-        losses = torch.zeros((), device=self.device)
-        for update in range(1, updates + 1):
-            losses += self.step(model, optimizer, generator, statistics, next(batches))
+        batches, started = self.batches(generator), time.time()
+
+        def update_once():
+            loss = self.step(model, optimizer, generator, statistics, next(batches))
             schedule.step()
-            if update % interval == 0 or update == updates:
-                mean_loss = losses.item() / (interval if update % interval == 0 else update % interval)
-                losses.zero_()
-                curve.append((update, mean_loss))
-                log(f"{run['name']} update {update}/{updates} loss {mean_loss:.4f} "
-                    f"lr {schedule.get_last_lr()[0]:.4f} {time.time() - started:.0f} s")
-                if not math.isfinite(mean_loss):
-                    stopped = f"non-finite training loss at update {update}"
-                    break
-            if time.time() > deadline:
-                stopped = f"stopped at update {update} of {updates}: the part's deadline"
-                break
+            return loss
+
+        curve, stopped, _, update = train_until(update_once, schedule, updates, deadline, run["name"], log)
         scores = self.evaluate(model, statistics)
         log(f"{run['name']} validation top-1 {scores['top1']:.2f}% loss {scores['loss']:.4f}")
         return {**run, **scores, "updates": updates, "updates_done": update, "stopped": stopped,
@@ -283,24 +273,9 @@ class DepthRun:
     def train(self, run: dict, updates: int, deadline: float, log) -> dict:
         model, optimizer = self.build(run)
         schedule = self.schedule(optimizer, run, updates)
-        batches = self.epochs(torch.Generator().manual_seed(run["seed"]))
-        curve, stopped, diverged, started = [], None, False, time.time()
-        interval = max(1, updates // 50)
-        losses = torch.zeros((), device=self.device)
-        for update in range(1, updates + 1):
-            losses += self.step(model, optimizer, schedule, next(batches))
-            if update % interval == 0 or update == updates:
-                mean_loss = losses.item() / (interval if update % interval == 0 else update % interval)
-                losses.zero_()
-                curve.append((update, mean_loss))
-                log(f"{run['name']} update {update}/{updates} loss {mean_loss:.4f} "
-                    f"lr {schedule.get_last_lr()[0]:.2e} {time.time() - started:.0f} s")
-                if not math.isfinite(mean_loss):
-                    stopped, diverged = f"non-finite training loss at update {update}", True
-                    break
-            if time.time() > deadline:
-                stopped = f"stopped at update {update} of {updates}: the part's deadline"
-                break
+        batches, started = self.epochs(torch.Generator().manual_seed(run["seed"])), time.time()
+        curve, stopped, diverged, update = train_until(
+            lambda: self.step(model, optimizer, schedule, next(batches)), schedule, updates, deadline, run["name"], log)
         scores = self.evaluate(model)
         scores["outcome"] = "diverges" if diverged else task_outcome(
             scores["valid_loss"], scores["exact_match"], divergence_threshold(self.vocab_size))
@@ -309,6 +284,31 @@ class DepthRun:
         return {**run, **scores, "updates": updates, "updates_done": update, "stopped": stopped,
                 "training_loss": curve, "seconds": time.time() - started, "unigram_loss": self.unigram,
                 "divergence_loss": math.log(self.vocab_size) + 1}
+
+
+def train_until(update_once, schedule, updates: int, deadline: float, name: str, log):
+    """Run `update_once()` (one update; returns its loss as a tensor) `updates` times or until `deadline`, logging the
+    mean loss about 50 times; stop at a non-finite mean. Returns (curve, stopped: why it ended early or None,
+    diverged, the last update done)."""
+    curve, stopped, diverged, started = [], None, False, time.time()
+    interval = max(1, updates // 50)
+    losses = None
+    for update in range(1, updates + 1):
+        loss = update_once()
+        losses = loss if losses is None else losses + loss  # summed on the device: one sync per interval
+        if update % interval == 0 or update == updates:
+            mean_loss = losses.item() / (interval if update % interval == 0 else update % interval)
+            losses = None
+            curve.append((update, mean_loss))
+            log(f"{name} update {update}/{updates} loss {mean_loss:.4f} "
+                f"lr {schedule.get_last_lr()[0]:.2e} {time.time() - started:.0f} s")
+            if not math.isfinite(mean_loss):
+                stopped, diverged = f"non-finite training loss at update {update}", True
+                break
+        if time.time() > deadline:
+            stopped = f"stopped at update {update} of {updates}: the part's deadline"
+            break
+    return curve, stopped, diverged, update
 
 
 def autocast(device):
