@@ -10,7 +10,6 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from ..training.reporting import plot_curves
 from .depth_rules import (REGIMES, TRAINS_AT_EXACT_MATCH, bigram_loss, divergence_threshold, task_outcome,
                           unigram_loss)
 from .number_task import prepare_number_task
@@ -136,9 +135,7 @@ def summarise(preset: dict, seeds: int, output_dir: Path, specs: list[RunSpec]) 
                                          output_dir / "depth_map_validation_loss.png")]
     deepest = [row for row in rows if row["depth"] == max(preset["depths"]) and "history" in row]
     if deepest:
-        figures.append(plot_curves({f"{row['variant']} {row['regime']} s{row['seed']}": row["history"]
-                                    for row in deepest}, ["loss"],
-                                   output_dir / f"depth_map_curves_depth{max(preset['depths'])}.png"))
+        figures.append(plot_validation_curves(deepest, output_dir / f"depth_map_curves_depth{max(preset['depths'])}.png"))
     note = (f"The number task of `make demo` ({preset['train_size']:,} training pairs, {preset['eval_size']} "
             f"validation and {preset['eval_size']} test pairs, English number words -> German), "
             f"{preset['model']} (d = 64) at D+D layers, {preset['steps']} updates of ≤ {preset['max_tokens']:,} "
@@ -159,31 +156,60 @@ def summarise(preset: dict, seeds: int, output_dir: Path, specs: list[RunSpec]) 
 
 
 def plot_by_depth_with_spread(rows: list[dict], depths: list[int], key: str, ylabel: str, path: Path) -> Path:
-    """`key` against depth, one line per variant and regime (solid: moderate, dashed: aggressive), mean with the
-    seeds' standard deviation as error bars."""
+    """`key` against depth, one line per variant and regime (solid: moderate, dashed: aggressive) through the mean
+    over seeds, each seed a dot beside it: outcomes are often split (some seeds train, others stall), which a mean
+    with error bars would hide."""
     from ..diagnostics import _pyplot
 
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(6.5, 4.2))
-    for index, label in enumerate(VARIANTS):
-        for regime, style in zip(REGIMES, ("-", "--")):
-            points = []
-            for depth in depths:
-                values = [row.get(key) for row in rows
-                          if (row["depth"], row["regime"], row["variant"]) == (depth, regime, label)]
-                mean, std = mean_std(values)
-                if math.isfinite(mean):
-                    points.append((depth, mean, std))
-            if points:
-                x, y, spread = zip(*points)
-                axis.errorbar(x, y, yerr=spread, linestyle=style, marker="o", capsize=3, color=f"C{index}",
-                              label=f"{label}, {regime}")
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    series = [(label, regime) for label in VARIANTS for regime in REGIMES]
+    for index, (label, regime) in enumerate(series):
+        colour, style = f"C{list(VARIANTS).index(label)}", "-" if regime == next(iter(REGIMES)) else "--"
+        offset = 1 + 0.03 * (index - (len(series) - 1) / 2)  # the dots of the six lines side by side at each depth
+        means = []
+        for depth in depths:
+            values = [row.get(key) for row in rows
+                      if (row["depth"], row["regime"], row["variant"]) == (depth, regime, label)]
+            finite = [value for value in values if value is not None and math.isfinite(value)]
+            axis.plot([depth * offset] * len(finite), finite, ".", color=colour, alpha=0.6, markersize=6)
+            if finite:
+                means.append((depth * offset, mean_std(finite)[0]))
+        if means:
+            axis.plot(*zip(*means), linestyle=style, marker="o", color=colour, label=f"{label}, {regime}")
     axis.set_xscale("log", base=2)
     axis.set_xticks(depths, [f"{d}+{d}" for d in depths])
+    axis.minorticks_off()
     axis.set_xlabel("depth (encoder + decoder layers)")
     axis.set_ylabel(ylabel)
+    axis.set_title("mean over seeds (line), each seed (dots)", fontsize=9)
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
+    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def plot_validation_curves(rows: list[dict], path: Path) -> Path:
+    """Validation loss against updates, one panel per regime, one colour per variant, one line per seed."""
+    from ..diagnostics import _pyplot
+
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(REGIMES), figsize=(5 * len(REGIMES), 3.8), sharey=True, squeeze=False)
+    for axis, regime in zip(axes[0], REGIMES):
+        for index, label in enumerate(VARIANTS):
+            seeds = [row for row in rows if (row["regime"], row["variant"]) == (regime, label)]
+            for number, row in enumerate(seeds):
+                points = [(record["step"], record["loss"]) for record in row["history"]]
+                axis.plot(*zip(*points), color=f"C{index}", alpha=0.8, marker=".", markersize=3,
+                          label=f"{label} ({len(seeds)} seeds)" if number == 0 else None)
+        axis.set_title(f"{regime}", fontsize=10)
+        axis.set_xlabel("update")
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation loss")
+    for axis in axes[0]:
+        axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
