@@ -195,6 +195,24 @@ def test_the_depth_grid_at_the_tests_size_and_its_second_sitting(tmp_path, capsy
     assert len(again["sittings"]) == 2
 
 
+def test_a_sitting_stopped_before_any_run_finished_still_counts_in_the_wall_time(tmp_path, monkeypatch):
+    """sittings.json is what the wall time of a grid adds up: a sitting stopped by SIGTERM is recorded with its time
+    even when none of its runs finished (the tables are rebuilt only when one does)."""
+    from rskip.training.signals import RunStopped
+
+    def stopped_after_a_while(*args, **kwargs):
+        time.sleep(0.3)
+        raise RunStopped(signal.SIGTERM, "stopped")
+
+    monkeypatch.setattr(reproduce, "run_grid", stopped_after_a_while)
+    output = tmp_path / "depth"
+    for _ in range(2):
+        with pytest.raises(RunStopped):
+            reproduce.main(["depth", "--mini", "--seeds", "1", "--output_dir", str(output)])
+    sittings = json.loads((output / "sittings.json").read_text())
+    assert len(sittings) == 2 and all(sitting["wall_s"] >= 0.3 for sitting in sittings)
+
+
 def test_the_converged_cifar_grid_at_the_tests_size(tmp_path):
     """On 48 CIFAR-10 images laid out as ../shared/data: 32 to train on, the last 16 to validate on."""
     (tmp_path / "data" / "cifar10").mkdir(parents=True)

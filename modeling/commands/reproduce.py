@@ -185,10 +185,13 @@ def run_resumable_grid(experiment, args, preset: dict, command: str) -> dict:
     started = time.time()
     results = {}
 
-    def rebuild() -> None:
-        nonlocal results
+    def record_sitting() -> None:
         sittings[-1]["wall_s"] = round(time.time() - started, 1)
         sittings_file.write_text(json.dumps(sittings, indent=1))
+
+    def rebuild() -> None:
+        nonlocal results
+        record_sitting()
         outcome = experiment.summarise(preset, args.seeds, args.output_dir, specs)
         wall = sum(sitting["wall_s"] for sitting in sittings)
         timing = (f"{outcome['finished']} of {outcome['planned']} runs finished; wall time {duration(wall)} over "
@@ -197,7 +200,11 @@ def run_resumable_grid(experiment, args, preset: dict, command: str) -> dict:
         results = write_results(args, command, preset, outcome, [outcome["note"]], timing, threads=1,
                                 wall_time_s=round(wall, 1), sittings=sittings)
 
-    status = run_grid(specs, args.output_dir / "runs", args.workers, on_run_finished=rebuild)
+    try:
+        status = run_grid(specs, args.output_dir / "runs", args.workers, on_run_finished=rebuild)
+    except BaseException:
+        record_sitting()  # a sitting stopped by a signal counts in full, also with no run finished in it
+        raise
     rebuild()
     print((args.output_dir / "results.md").read_text())
     failed = {name: value for name, value in status.items() if value.startswith("failed")}
