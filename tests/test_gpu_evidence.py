@@ -322,3 +322,17 @@ def test_the_script_finishes_within_its_budget_and_writes_every_result(carry, tm
     (output / "depth_map.png").unlink()
     gpu_evidence.main([str(output), "--replot"])
     assert (output / "depth_map.png").stat().st_size > 0
+
+
+def test_the_shared_training_loop_logs_mean_losses_and_stops_at_a_non_finite_one():
+    """`train_until`, the loop of both GPU runs: the mean loss of each interval goes into the curve, and the first
+    non-finite mean ends the run as diverged."""
+    losses = iter([1.0, 3.0, 2.0, 4.0, float("nan"), 1.0] + [1.0] * 94)
+    schedule = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1),
+                                                 lambda step: 1.0)
+    lines = []
+    curve, stopped, diverged, update = gpu_runs.train_until(lambda: torch.tensor(next(losses)), schedule, 100,
+                                                            time.time() + 60, "run", lines.append)
+    assert curve[:2] == [(2, 2.0), (4, 3.0)] and math.isnan(curve[2][1])
+    assert (stopped, diverged, update) == ("non-finite training loss at update 6", True, 6)
+    assert lines[0].startswith("run update 2/100 loss 2.0000 lr 1.00e-01")
