@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -193,6 +194,16 @@ def test_the_depth_grid_at_the_tests_size_and_its_second_sitting(tmp_path, capsy
     assert "12 runs: 12 finished before, 0 to run" in capsys.readouterr().out
     assert [row["test_exact"] for row in again["rows"]] == [row["test_exact"] for row in results["rows"]]
     assert len(again["sittings"]) == 2
+
+
+def test_the_validation_curves_of_a_grid_in_progress_mark_the_regime_with_no_finished_run(tmp_path):
+    """After the first finished run only one regime has curves: the other panel says so instead of an empty legend."""
+    history = [{"step": 2, "loss": 3.0}, {"step": 4, "loss": 2.5}]
+    rows = [{"regime": "moderate", "variant": "post_ln", "history": history}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns when a legend has no labelled line
+        path = depth_map.plot_validation_curves(rows, tmp_path / "curves.png")
+    assert path.stat().st_size > 0
 
 
 def test_a_sitting_stopped_before_any_run_finished_still_counts_in_the_wall_time(tmp_path, monkeypatch):

@@ -209,7 +209,10 @@ def plot_validation_curves(rows: list[dict], path: Path) -> Path:
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("validation loss")
     for axis in axes[0]:
-        axis.legend(fontsize=8)
+        if axis.get_lines():
+            axis.legend(fontsize=8)
+        else:  # a grid in progress: this regime has no finished run yet
+            axis.text(0.5, 0.5, "no finished run yet", ha="center", va="center", transform=axis.transAxes)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
