@@ -224,6 +224,26 @@ def test_a_sitting_stopped_before_any_run_finished_still_counts_in_the_wall_time
     assert len(sittings) == 2 and all(sitting["wall_s"] >= 0.3 for sitting in sittings)
 
 
+def test_the_converged_cifar_table_compares_every_variant_on_top1_and_loss(tmp_path):
+    """rSkip+LN against plain in the table and against post-LN below it, each on top-1 and on loss, by the rule:
+    a gap within the larger standard deviation over seeds is no difference."""
+    preset = cifar_converged.PRESETS["quick"]
+    specs = cifar_converged.run_specs(preset, 2, Path("data/cifar10/train.parquet"))
+    finals = {"plain": [(80.0, 0.50), (80.2, 0.50)], "rskip_ln K=2": [(82.0, 0.40), (82.2, 0.41)],
+              "post_ln": [(81.9, 0.45), (82.3, 0.46)]}
+    for spec in specs:
+        top1, loss = finals[spec.settings["variant"]][spec.settings["seed"]]
+        (tmp_path / "runs" / spec.name).mkdir(parents=True)
+        (tmp_path / "runs" / spec.name / "results.json").write_text(json.dumps(
+            {"history": [{"step": 352, "top1": top1, "loss": loss}], "validation": {"top1": top1},
+             "train_runtime_s": 3600, "command": "train"}))
+    table = cifar_converged.summarise(preset, 2, tmp_path, specs)["table"]
+    assert "| vs plain: top-1 / loss |" in table
+    assert re.search(r"\| rskip_ln K=2 \| 2 of 2 \| 82\.10 ± 0\.14 \|.*\| better / better \|", table)
+    assert re.search(r"\| post_ln \| 2 of 2 \|.*\| better / better \|", table)
+    assert table.endswith("rskip_ln K=2 vs post_ln (top-1 / loss): no difference / better.")
+
+
 def test_the_converged_cifar_grid_at_the_tests_size(tmp_path):
     """On 48 CIFAR-10 images laid out as ../shared/data: 32 to train on, the last 16 to validate on."""
     (tmp_path / "data" / "cifar10").mkdir(parents=True)

@@ -67,8 +67,16 @@ def summarise(preset: dict, seeds: int, output_dir: Path, specs: list[RunSpec]) 
                      "binomial_error": 100 * binomial_error(last["top1"] / 100, samples),
                      "train_s": result["train_runtime_s"], "history": result["history"]})
     reference = preset["variants"][0]
+
+    def against(label: str, other: str) -> str:
+        """The verdict of `label` against `other` on last-epoch top-1 (higher is better) and loss (lower is)."""
+        def values(variant, key):
+            return [row.get(key) for row in rows if row["variant"] == variant]
+        return (f"{verdict(values(label, 'top1'), values(other, 'top1'))} / "
+                f"{verdict(values(label, 'loss'), values(other, 'loss'), higher_is_better=False)}")
+
     lines = [f"| variant | runs | last-epoch top-1 (%) | ± binomial error | best-epoch top-1 (%) | last-epoch loss | "
-             f"top-1 vs {reference} | train h |", "|---|---:|---:|---:|---:|---:|---|---:|"]
+             f"vs {reference}: top-1 / loss | train h |", "|---|---:|---:|---:|---:|---:|---|---:|"]
     for label in preset["variants"]:
         chosen = [row for row in rows if row["variant"] == label]
         diverged = sum("diverged_at_step" in row for row in chosen)
@@ -77,8 +85,13 @@ def summarise(preset: dict, seeds: int, output_dir: Path, specs: list[RunSpec]) 
             f"| {label} | {len(chosen)} of {seeds}{f' ({diverged} diverged)' if diverged else ''} | {fmt(top1)} | "
             f"{fmt([row.get('binomial_error') for row in chosen])} | {fmt([row.get('best_top1') for row in chosen])} | "
             f"{fmt([row.get('loss') for row in chosen], 3)} | "
-            f"{'—' if label == reference else verdict(top1, [row.get('top1') for row in rows if row['variant'] == reference])} | "
+            f"{'—' if label == reference else against(label, reference)} | "
             f"{fmt([(row.get('train_s') or 0) / 3600 for row in chosen if 'train_s' in row])} |")
+    # The variants other than the reference against each other, e.g. rSkip+LN against post-LN.
+    others = preset["variants"][1:]
+    pairs = [f"{label} vs {other} (top-1 / loss): {against(label, other)}."
+             for index, label in enumerate(others) for other in others[index + 1:]]
+    lines += ["", *pairs] if pairs else []
     histories = {label: mean_history([row["history"] for row in rows if row["variant"] == label and "history" in row])
                  for label in preset["variants"]}
     figures = []
