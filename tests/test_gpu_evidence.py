@@ -315,7 +315,12 @@ def test_the_script_finishes_within_its_budget_and_writes_every_result(carry, tm
         section = markdown.split(title)[1].split("\n## ")[0]
         if part["plan"]["updates"]:
             assert len(part["runs"]) == runs_per_seed * part["plan"]["seeds"]
-            assert all(run["updates_done"] == part["plan"]["updates"] for run in part["runs"])
+            # The plan comes from a short probe; on this busy 2-core machine (other tests run beside this one) a
+            # slower stretch can bring the deadline first: then the run stops in time and results.md says where.
+            for run in part["runs"]:
+                assert run["updates_done"] == part["plan"]["updates"] or (
+                    run["stopped"] == f"stopped at update {run['updates_done']} of {part['plan']['updates']}: the "
+                                      "part's deadline" and f"- {run['name']}: {run['stopped']}" in section), run
             assert "too short to be evidence" in section  # a few updates: said so, not presented as a result
         else:
             assert "Not run: after the probe, not one update fitted in the part's time." in section
