@@ -18,7 +18,7 @@ PRESETS = {
     # the tests': seconds
     "mini": dict(model="preact_resnet20", variants=["plain", "rskip_ln K=2"], epochs=1, batch=16,
                  train_samples=None, validation_size=16, eval_samples=None, checkpointing_steps="2"),
-    # 15 epochs of 45,000 images at batch 128, cosine schedule from 0.1: 64-79 minutes a run on one CPU thread
+    # 15 epochs of 45,000 images at batch 128, cosine schedule from 0.1: 56-81 minutes a run on one CPU thread
     "quick": dict(model="preact_resnet20", variants=["plain", "rskip_ln K=2", "post_ln"], epochs=15, batch=128,
                   train_samples=None, validation_size=5000, eval_samples=None, checkpointing_steps="epoch"),
 }
